@@ -1,0 +1,43 @@
+"""bond: aligning language models by best-of-N distillation (BOND, J-BOND, iterative BOND, WIND)."""
+
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "jax>=0.10.2,<0.11",
+    "jaxlib>=0.10.2,<0.11",
+    "flax>=0.12,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12,<0.13",
+    "tensorflow-datasets>=4.9,<5",
+    "array_record>=0.8",
+    "ml-collections>=1.0",
+    "chex>=0.1.90",
+    "numpy>=2.0",
+    "matplotlib>=3.8",
+    "tensorboardX>=2.6",
+    "absl-py>=2.0",
+]
+
+TEST = [
+    "pytest>=8",
+    "hypothesis>=6.100",
+    "scipy>=1.12",
+]
+
+# Optional: the comparison runs of the benchmarks (HF generate, TRL) on CPU.
+BENCH = [
+    "torch==2.13.0",
+    "transformers",
+]
+
+setup(
+    name="bond",
+    version="0.1.0",
+    description="Best-of-N distillation for aligning language models, in JAX.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["bond", "bond.*"]),
+    install_requires=RUNTIME,
+    extras_require={"test": TEST, "bench": BENCH},
+)
