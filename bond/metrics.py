@@ -1,0 +1,361 @@
+"""Metrics of a training run: a JSON-lines file, TensorBoard event files, a console progress line.
+
+Files in the run's workdir:
+
+  metrics.jsonl          one line per `MetricWriter.write`: {"step": t, "<name>": <float>, ...}
+  events.out.tfevents.*  the same scalars for TensorBoard (`tensorboard --logdir <workdir>`)
+
+Resuming after a crash. The lines written after the last checkpoint belong to steps the resumed
+run repeats; `MetricWriter.truncate_after(restored_step)` removes them (and hides the repeated
+TensorBoard events through tensorboardX's `purge_step`), so the file ends up exactly as an
+uninterrupted run's. For that, write a step's metrics before saving that step's checkpoint: a
+checkpoint at step t then implies that every line up to step t is complete on disk.
+
+Only process 0 of a multi-process run writes files or prints; the other processes' writers and
+progress lines do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TextIO
+
+import jax
+import numpy as np
+from jax.typing import ArrayLike
+
+METRICS_FILENAME = "metrics.jsonl"
+
+
+def _is_writer_process() -> bool:
+    return jax.process_index() == 0
+
+
+def _host_values(metrics: Mapping[str, ArrayLike]) -> dict[str, np.ndarray]:
+    """The metrics as numpy arrays, fetched from the devices in one transfer."""
+    names = list(metrics)
+    values = jax.device_get([metrics[name] for name in names])  # a list keeps the caller's order
+    return {name: np.asarray(value) for name, value in zip(names, values)}
+
+
+def _check_step(step: Any, fn: str) -> int:
+    """`step` as a Python int (it may be a scalar array), after checking it is an integer."""
+    try:
+        value = int(step)
+        is_int = not isinstance(step, bool) and value == step
+    except (TypeError, ValueError):
+        is_int = False
+    if not is_int:
+        raise ValueError(f"{fn}: step must be an integer, got {step!r}.")
+    return value
+
+
+def _scalars(metrics: Mapping[str, ArrayLike], fn: str) -> dict[str, float]:
+    """Each metric as a Python float; raises ValueError for a non-scalar or a key named 'step'."""
+    if "step" in metrics:
+        raise ValueError(f"{fn}: 'step' is reserved for the step number; rename that metric.")
+    floats = {}
+    for name, value in _host_values(metrics).items():
+        if value.shape != ():
+            raise ValueError(
+                f"{fn}: metric {name!r} has shape {value.shape}; only scalars are written. "
+                f"Reduce it to a scalar (e.g. its mean) first."
+            )
+        floats[name] = float(value)
+    return floats
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.jsonl and TensorBoard
+
+
+class MetricWriter:
+    """Appends scalar metrics to `<workdir>/metrics.jsonl` and to TensorBoard event files.
+
+    Every `write` adds one line and flushes it, so a killed process loses at most the line it
+    was writing (an unterminated last line, which `read_metrics` and `truncate_after` drop).
+    Floats are written with Python's shortest round-trip repr, so reading them back gives the
+    exact values written; NaN and infinities are written as NaN, Infinity, -Infinity.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+        """Opens (creating if needed) `workdir` and its metrics file, for appending.
+
+        Args:
+          workdir: the run's directory.
+          tensorboard: also write TensorBoard event files (with tensorboardX). If tensorboardX
+            cannot be imported, warns once and writes only the JSON lines.
+        """
+        self.workdir = os.path.abspath(os.fspath(workdir))
+        self.path = os.path.join(self.workdir, METRICS_FILENAME)
+        self._active = _is_writer_process()
+        self._file: TextIO | None = None
+        self._summary_writer_cls = None
+        self._summary_writer = None
+        self._purge_step: int | None = None
+        if not self._active:
+            return
+        os.makedirs(self.workdir, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError as e:
+                warnings.warn(
+                    f"tensorboardX could not be imported ({e}); metrics go to {self.path} only. "
+                    f"Install it with `pip install tensorboardX` for TensorBoard event files.",
+                    stacklevel=2,
+                )
+            else:
+                self._summary_writer_cls = SummaryWriter
+
+    def write(self, step: int, metrics: Mapping[str, ArrayLike]) -> None:
+        """Writes the scalar `metrics` of step `step` (Python numbers or 0-d arrays)."""
+        step = _check_step(step, "MetricWriter.write")
+        floats = _scalars(metrics, "MetricWriter.write")
+        if not self._active:
+            return
+        self._file.write(json.dumps({"step": step, **floats}) + "\n")
+        self._file.flush()
+        if self._summary_writer_cls is not None:
+            if self._summary_writer is None:
+                # Created on first use, so that a `truncate_after` before any write only sets
+                # the purge step of the one event file this run writes.
+                # tensorboardX names files by the second; the nanosecond suffix keeps a file
+                # opened within the same second (a quick resume) from overwriting the last one,
+                # and keeps the names in the order TensorBoard reads them.
+                self._summary_writer = self._summary_writer_cls(
+                    logdir=self.workdir, purge_step=self._purge_step, filename_suffix=f".{time.time_ns()}"
+                )
+            for name, value in floats.items():
+                self._summary_writer.add_scalar(name, value, global_step=step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drops every line with a step greater than `step` (and an unterminated last line).
+
+        Call it when a run resumes from the checkpoint at `step`; a fresh run whose steps count
+        from 1 calls it with 0 to discard the lines of an earlier attempt that saved no checkpoint.
+        The file is replaced atomically. TensorBoard events of steps > `step` from earlier event
+        files are hidden by the `purge_step` of the next event file.
+        """
+        step = _check_step(step, "MetricWriter.truncate_after")
+        if not self._active:
+            return
+        self._file.close()
+        kept = [line for line in _complete_lines(self.path) if json.loads(line)["step"] <= step]
+        temporary = self.path + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(temporary, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if self._summary_writer is not None:
+            self._summary_writer.close()
+            self._summary_writer = None
+        self._purge_step = step + 1
+
+    def close(self) -> None:
+        """Flushes and closes the metrics file and the event file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._summary_writer is not None:
+            self._summary_writer.close()
+            self._summary_writer = None
+
+    def __enter__(self) -> MetricWriter:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _complete_lines(path: str) -> list[str]:
+    """The newline-terminated lines of `path`; a last line without newline was cut by a crash."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    for number, line in enumerate(lines, start=1):
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {number} is not a JSON object ({e}): {line[:200]!r}") from e
+    return lines
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file, in file order (an unterminated last line is dropped).
+
+    Raises:
+      FileNotFoundError: `path` does not exist.
+      ValueError: a complete line is not valid JSON, naming the line.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"read_metrics: no metrics file at {path}.")
+    return [json.loads(line) for line in _complete_lines(path)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite losses
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A metric became NaN or infinite; the run stops before saving that state."""
+
+    def __init__(self, step: int, bad: Mapping[str, np.ndarray], last_checkpoint_step: int | None):
+        self.step = step
+        self.names = tuple(bad)
+        self.last_checkpoint_step = last_checkpoint_step
+        shown = ", ".join(_describe_non_finite(name, value) for name, value in bad.items())
+        if last_checkpoint_step is None:
+            resume = "No checkpoint was saved yet, so rerunning the command starts from scratch."
+        else:
+            resume = (
+                f"The last good checkpoint is step {last_checkpoint_step}; rerunning the same command "
+                f"resumes from it."
+            )
+        super().__init__(
+            f"Non-finite metric at step {step}: {shown}. The run stopped without saving this state. "
+            f"{resume} Lowering the learning rate, or checking the reward for NaN, usually helps."
+        )
+
+
+def _describe_non_finite(name: str, value: np.ndarray) -> str:
+    if value.shape == ():
+        return f"{name}={float(value)}"
+    count = int(np.sum(~np.isfinite(value)))
+    return f"{name} ({count} of {value.size} entries non-finite)"
+
+
+def check_finite(step: int, metrics: Mapping[str, ArrayLike], last_checkpoint_step: int | None) -> None:
+    """Raises NonFiniteLossError if any metric (a scalar or any entry of an array) is NaN or ±inf.
+
+    Args:
+      step: the step the metrics belong to, named in the message.
+      metrics: name -> number or array.
+      last_checkpoint_step: the newest complete checkpoint's step, or None if none was saved.
+    """
+    step = _check_step(step, "check_finite")
+    values = _host_values(metrics)
+    bad = {name: value for name, value in values.items() if not np.all(np.isfinite(value.astype(np.float64)))}
+    if bad:
+        raise NonFiniteLossError(step, bad, last_checkpoint_step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Console progress
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as '1h02m03s', '4m05s' or '12s' (rounded to whole seconds)."""
+    total = int(round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+class Progress:
+    """A console progress line: step/total, steps/s, ETA and a few metrics, at most every few seconds.
+
+        step 1200/5000 (24.0%) | 3.41 steps/s | ETA 18m34s | loss 0.1234 | kl 0.52
+
+    The first `update` prints at once (the rate is unknown until a second one); later updates print
+    when `every_seconds` have passed since the last print, and the last step always prints. The
+    rate is an exponential moving average of the rates between prints,
+    rate <- smoothing * (Δsteps / Δseconds) + (1 - smoothing) * rate, and ETA = (total - step) / rate.
+    On a terminal the line is redrawn in place ('\\r'); otherwise (a log file, a pipe) each print
+    is a full line.
+    """
+
+    def __init__(
+        self,
+        total_steps: int,
+        *,
+        every_seconds: float = 10.0,
+        show: Sequence[str] = ("loss",),
+        smoothing: float = 0.3,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        """Args:
+        total_steps: the step the run ends at.
+        every_seconds: the least time between two printed lines.
+        show: the metrics to print, in this order (missing ones are skipped).
+        smoothing: weight of the newest rate in the moving average, in (0, 1].
+        stream: where to print; sys.stdout by default.
+        clock: seconds as a float; time.monotonic by default.
+        """
+        if _check_step(total_steps, "Progress") < 1:
+            raise ValueError(f"Progress: total_steps must be a positive int, got {total_steps!r}.")
+        if not every_seconds >= 0:
+            raise ValueError(f"Progress: every_seconds must be >= 0, got {every_seconds!r}.")
+        if not 0 < smoothing <= 1:
+            raise ValueError(f"Progress: smoothing must be in (0, 1], got {smoothing!r}.")
+        self.total_steps = int(total_steps)
+        self.every_seconds = float(every_seconds)
+        self.show = tuple(show)
+        self.smoothing = float(smoothing)
+        self._stream = stream if stream is not None else sys.stdout
+        self._clock = clock
+        self._active = _is_writer_process()
+        self._in_place = self._active and self._stream.isatty()
+        self._last_time: float | None = None
+        self._last_step = 0
+        self._rate: float | None = None
+        self._width = 0
+
+    @property
+    def steps_per_second(self) -> float | None:
+        """The smoothed rate, or None before two lines were printed."""
+        return self._rate
+
+    def update(self, step: int, metrics: Mapping[str, ArrayLike] | None = None) -> None:
+        """Reports that `step` is complete; prints a line if one is due."""
+        step = _check_step(step, "Progress.update")
+        if not self._active:
+            return
+        now = self._clock()
+        if self._last_time is not None:
+            is_last = step >= self.total_steps
+            if now - self._last_time < self.every_seconds and not is_last:
+                return
+            elapsed = now - self._last_time
+            if elapsed > 0 and step > self._last_step:
+                rate = (step - self._last_step) / elapsed
+                self._rate = rate if self._rate is None else self.smoothing * rate + (1 - self.smoothing) * self._rate
+        self._last_time, self._last_step = now, step
+        self._print(self.format_line(step, metrics or {}))
+
+    def format_line(self, step: int, metrics: Mapping[str, ArrayLike]) -> str:
+        """The progress line for `step` with the current rate."""
+        parts = [f"step {step}/{self.total_steps} ({100.0 * step / self.total_steps:.1f}%)"]
+        if self._rate is None:
+            parts += ["-- steps/s", "ETA --"]
+        else:
+            parts += [f"{self._rate:.3g} steps/s", f"ETA {format_duration(max(self.total_steps - step, 0) / self._rate)}"]
+        shown = {name: metrics[name] for name in self.show if name in metrics}
+        for name, value in _host_values(shown).items():
+            parts.append(f"{name} {float(value):.4g}" if value.shape == () else f"{name} {value}")
+        return " | ".join(parts)
+
+    def _print(self, line: str) -> None:
+        if self._in_place:
+            self._stream.write("\r" + line.ljust(self._width))
+            self._width = len(line)
+            if self._last_step >= self.total_steps:
+                self._stream.write("\n")
+        else:
+            self._stream.write(line + "\n")
+        self._stream.flush()
