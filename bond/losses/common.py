@@ -11,6 +11,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 
@@ -82,3 +83,47 @@ def reinforce_surrogate(logp: ArrayLike, cost: ArrayLike, weights: ArrayLike, ba
     """
     advantage = jax.lax.stop_gradient(jnp.asarray(cost) - jnp.asarray(baseline))
     return weighted_mean(advantage * jnp.asarray(logp), weights)
+
+
+Metrics = dict[str, jax.Array]
+
+
+def mask_unweighted(weights: jax.Array, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """Sets every entry of weight 0 to 0, so padding holding inf or NaN cannot reach a loss or its gradient.
+
+    A `jnp.where` further down is not enough: its gradient multiplies the zero cotangent of the
+    masked branch by the masked value, and 0·inf = NaN.
+    """
+    keep = weights > 0
+    return tuple(jnp.where(keep, a, jnp.zeros((), a.dtype)) for a in arrays)
+
+
+def check_in_range(
+    fn: str,
+    name: str,
+    value: ArrayLike,
+    *,
+    minimum: float,
+    maximum: float = np.inf,
+    strict_minimum: bool = False,
+) -> None:
+    """Raises ValueError when a concrete hyperparameter lies outside [minimum, maximum] (or (minimum, maximum]).
+
+    A traced value (a swept hyperparameter inside jit) cannot be inspected: check it where the
+    config is built.
+    """
+    try:
+        v = np.asarray(value, dtype=np.float64)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    above = v > minimum if strict_minimum else v >= minimum
+    if not (np.all(above) and np.all(v <= maximum) and np.all(np.isfinite(v))):
+        low = "(" if strict_minimum else "["
+        high = f"{maximum}]" if np.isfinite(maximum) else "inf)"
+        raise ValueError(f"{fn}: `{name}` must be finite and in {low}{minimum}, {high}, got {value}.")
+
+
+def weighted_std(x: jax.Array, weights: jax.Array) -> jax.Array:
+    """Weighted standard deviation √(Σ w (x − x̄)² / Σ w) over all entries."""
+    mean = weighted_mean(x, weights)
+    return jnp.sqrt(weighted_mean(jnp.square(x - mean), weights))

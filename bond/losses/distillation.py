@@ -20,6 +20,7 @@ from bond.losses.common import (
     check_same_shape,
     group_weights,
     leave_one_out_mean,
+    mask_unweighted,
     reinforce_surrogate,
     weighted_mean,
 )
@@ -57,8 +58,9 @@ def bond_backward_kl(
     logp = check_rank("logp", logp, 2, fn)
     shape = check_same_shape(fn, logp=logp, ref_logp=ref_logp, log_quantile=log_quantile)
     w = group_weights(fn, weights, shape)
-    log_ratio = logp - jnp.asarray(ref_logp)
-    cost = log_ratio - (n - 1.0) * jnp.asarray(log_quantile)
+    logp, ref_logp, log_quantile = mask_unweighted(w, logp, jnp.asarray(ref_logp), jnp.asarray(log_quantile))
+    log_ratio = logp - ref_logp
+    cost = log_ratio - (n - 1.0) * log_quantile
     baseline = leave_one_out_mean(jax.lax.stop_gradient(cost), w, axis=-1)
     loss = reinforce_surrogate(logp, cost, w, baseline)
     metrics = {
@@ -83,6 +85,7 @@ def bond_forward_kl(
     """
     bon_logp = jnp.asarray(bon_logp)
     w = group_weights("bond_forward_kl", weights, bon_logp.shape)
+    (bon_logp,) = mask_unweighted(w, bon_logp)
     loss = -weighted_mean(bon_logp, w)
     return loss, {"loss": loss, "forward_nll": loss}
 
@@ -168,9 +171,10 @@ def j_bond(
     if bo2_logp.shape != (shape[0],):
         raise ValueError(f"{fn}: `bo2_logp` must have shape [B] = {(shape[0],)} but has shape {bo2_logp.shape}.")
     w = group_weights(fn, weights, shape)
+    logp, anchor_logp, rewards = mask_unweighted(w, logp, jnp.asarray(anchor_logp), jnp.asarray(rewards))
 
     r_j = j_bond_reward(rewards, anchor_rewards)
-    log_ratio = logp - jnp.asarray(anchor_logp)
+    log_ratio = logp - anchor_logp
     backward_cost = log_ratio - r_j
     cost = beta * backward_cost + gamma * log_ratio
     baseline = leave_one_out_mean(jax.lax.stop_gradient(cost), w, axis=(0, 1))

@@ -32,7 +32,7 @@ from bond.losses.common import (
     reinforce_surrogate,
     weighted_mean,
 )
-from bond.losses.policy_gradient import Metrics, mask_unweighted, weighted_std
+from bond.losses.common import Metrics, mask_unweighted, weighted_std
 
 
 class _Samples(NamedTuple):

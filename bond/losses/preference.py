@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from bond.losses.common import check_rank, check_same_shape, group_weights, weighted_mean
-from bond.losses.policy_gradient import Metrics, check_in_range, mask_unweighted
+from bond.losses.common import Metrics, check_in_range, mask_unweighted
 
 
 def _log_ratios(

@@ -17,7 +17,7 @@ from jax.typing import ArrayLike
 
 from bond.bon import best_index
 from bond.losses.common import check_rank, check_same_shape, group_weights, weighted_mean
-from bond.losses.policy_gradient import Metrics, check_in_range, mask_unweighted
+from bond.losses.common import Metrics, check_in_range, mask_unweighted
 
 
 def _one_hot_weights(index: jax.Array, w: jax.Array) -> jax.Array:

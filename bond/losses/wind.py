@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from bond.losses.common import check_rank, check_same_shape, group_weights, weighted_mean
+from bond.losses.common import check_rank, check_same_shape, group_weights, mask_unweighted, weighted_mean
 
 VARIANTS = ("square", "sppo", "kl")
 
@@ -91,8 +91,11 @@ def wind(
             f"but has shape {pref.shape}."
         )
     w = group_weights(fn, weights, shape)
+    pair_mask = w[:, :, None] * w[:, None, :]
+    logp, logp_t, ref_logp = mask_unweighted(w, logp, jnp.asarray(logp_t), jnp.asarray(ref_logp))
+    (pref,) = mask_unweighted(pair_mask, pref)
     sg = jax.lax.stop_gradient
-    logp_t, ref_logp, pref = sg(jnp.asarray(logp_t)), sg(jnp.asarray(ref_logp)), sg(pref)
+    logp_t, ref_logp, pref = sg(logp_t), sg(ref_logp), sg(pref)
     rho, kappa = wind_coefficients(eta, beta)
     log_ratio = logp - logp_t
     reference_pull = rho * (ref_logp - logp_t)
