@@ -1,0 +1,350 @@
+"""The algorithm registry: name → what to sample from which policy, which loss, which anchor rule.
+
+An `Algorithm` is a sampling plan (how many samples per prompt from the policy π, the anchor
+π_anchor and the reference π_ref), a loss over those samples, and a default anchor rule. The
+online loop (bond/train.py) draws the planned samples, scores them, computes log-probs under
+π_ref (and π_anchor) and hands everything to the loss as `LossInputs`; the loss computes the
+policy's own log-probs through `inputs.policy_logp` so that they carry the gradient.
+
+A new loss for an experiment is one function and one registration:
+
+    def hinge_bond(inputs):
+        logp = inputs.policy_logp(inputs.policy)
+        ...
+        return loss, metrics
+
+    register(Algorithm("hinge_bond", plan=lambda algo: SamplingPlan(policy=4), loss=hinge_bond))
+
+and then `--config.algorithm=hinge_bond`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from bond import bon, losses
+from bond.losses import distribution_matching, policy_gradient, preference, rejection_sft
+from bond.models import preferences_from_rewards
+
+
+class Samples(NamedTuple):
+    """S responses for each of B prompts, scored and with their fixed log-probabilities.
+
+    tokens, attention_mask, response_mask: [B, S, T] (bond/models layout);
+    rewards, sampler_logp (log-prob under the policy that drew them), ref_logp: [B, S];
+    anchor_logp: [B, S] when the run has an anchor, else zeros.
+    """
+
+    tokens: jax.Array
+    attention_mask: jax.Array
+    response_mask: jax.Array
+    rewards: jax.Array
+    sampler_logp: jax.Array
+    ref_logp: jax.Array
+    anchor_logp: jax.Array
+
+
+class LossInputs(NamedTuple):
+    """What a loss sees: samples, the differentiable policy log-prob, traced hyperparameters."""
+
+    policy_logp: Callable[[Samples], jax.Array]  # Samples [B, S, T] → log π_θ(y) [B, S], differentiable
+    policy: Optional[Samples]
+    anchor: Optional[Samples]
+    reference: Optional[Samples]
+    hp: dict[str, jax.Array]  # config.algo's numeric fields, traced
+    algo: ml_collections.FrozenConfigDict  # config.algo itself: counts and choices, static
+    key: jax.Array  # for tie-breaking
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingPlan:
+    """Samples per prompt to draw from the policy, the anchor and the reference at each step."""
+
+    policy: int = 0
+    anchor: int = 0
+    reference: int = 0
+
+
+LossFn = Callable[[LossInputs], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """A registered algorithm.
+
+    plan: config.algo → SamplingPlan (sample counts are static shapes).
+    loss: LossInputs → (loss, metrics).
+    anchor: the default anchor rule ('none', 'hard' or 'ema'); config.anchor.kind may override
+      it for algorithms that use an anchor.
+    validate: optional extra config checks; raise ValueError naming the field.
+    """
+
+    name: str
+    plan: Callable[[ml_collections.ConfigDict], SamplingPlan]
+    loss: LossFn
+    anchor: str = "none"
+    validate: Optional[Callable[[ml_collections.ConfigDict], None]] = None
+    paper: str = ""
+
+
+_REGISTRY: dict[str, Algorithm] = {}
+
+
+def register(algorithm: Algorithm) -> Algorithm:
+    """Adds `algorithm` to the registry (a later registration under the same name replaces it)."""
+    _REGISTRY[algorithm.name] = algorithm
+    return algorithm
+
+
+def get_algorithm(name: str) -> Algorithm:
+    if name not in _REGISTRY:
+        raise ValueError(f"config.algorithm={name!r} is not registered; choose one of {sorted(_REGISTRY)}.")
+    return _REGISTRY[name]
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the losses below.
+
+
+def take_sample(samples: Samples, index: jax.Array) -> Samples:
+    """The sample `index[b]` of each prompt, as a group of one: [B, S, ...] → [B, 1, ...]."""
+
+    def take(x):
+        idx = index.reshape(index.shape + (1,) * (x.ndim - 1))
+        return jnp.take_along_axis(x, idx, axis=1)
+
+    return Samples(*(take(x) for x in samples))
+
+
+def first(samples: Samples, count: int) -> Samples:
+    """The first `count` samples of each prompt."""
+    return Samples(*(x[:, :count] for x in samples))
+
+
+def log_quantiles(samples: Samples, against: Samples) -> jax.Array:
+    """Smoothed log p̂_le of each sample's reward among `against`'s rewards (bon.smoothed_log_quantile)."""
+    return bon.smoothed_log_quantile(samples.rewards, against.rewards)
+
+
+def best_of(samples: Samples, n: int, key: jax.Array) -> Samples:
+    """The best of the first n samples of each prompt, ties broken uniformly: an exact best-of-n sample."""
+    pool = first(samples, n)
+    return take_sample(pool, bon.best_index(pool.rewards, key))
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper algorithms.
+
+
+def _count(algo, field: str) -> int:
+    return int(round(float(algo[field])))
+
+
+def _bond_plan(algo) -> SamplingPlan:
+    return SamplingPlan(policy=algo.num_samples, reference=max(algo.num_ref_samples, _count(algo, "n")))
+
+
+def _bond_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
+    """BOND (Jeffreys): quantiles and the best-of-N sample from reference samples."""
+    bon_sample = best_of(inputs.reference, _count(inputs.algo, "n"), inputs.key)
+    return losses.jeffreys_bond(
+        inputs.policy_logp(inputs.policy),
+        inputs.policy.ref_logp,
+        log_quantiles(inputs.policy, inputs.reference),
+        inputs.policy_logp(bon_sample)[:, 0],
+        n=inputs.hp["n"],
+        beta=inputs.hp["beta"],
+    )
+
+
+def _iterative_bond_plan(algo) -> SamplingPlan:
+    return SamplingPlan(policy=algo.num_samples, anchor=max(algo.num_ref_samples, _count(algo, "n")))
+
+
+def _iterative_bond_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
+    """Iterative BOND (BOND §5): BOND of Best-of-n of the anchor, the anchor in the reference's place."""
+    bon_sample = best_of(inputs.anchor, _count(inputs.algo, "n"), inputs.key)
+    return losses.jeffreys_bond(
+        inputs.policy_logp(inputs.policy),
+        inputs.policy.anchor_logp,
+        log_quantiles(inputs.policy, inputs.anchor),
+        inputs.policy_logp(bon_sample)[:, 0],
+        n=inputs.hp["n"],
+        beta=inputs.hp["beta"],
+    )
+
+
+def _j_bond_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
+    anchor = first(inputs.anchor, 2)
+    bo2 = best_of(anchor, 2, inputs.key)
+    return losses.j_bond(
+        inputs.policy_logp(inputs.policy),
+        inputs.policy.anchor_logp,
+        inputs.policy.rewards,
+        anchor.rewards,
+        inputs.policy_logp(bo2)[:, 0],
+        beta=inputs.hp["beta"],
+        gamma=inputs.hp["gamma"],
+    )
+
+
+def _wind_loss(variant: Optional[str]) -> LossFn:
+    def loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
+        logp = inputs.policy_logp(inputs.policy)
+        pref = preferences_from_rewards(inputs.policy.rewards, kind=inputs.algo.preference)
+        return losses.wind(
+            logp,
+            jax.lax.stop_gradient(logp),  # π_t is the policy that drew the samples
+            inputs.policy.ref_logp,
+            pref,
+            eta=inputs.hp["wind_eta"],
+            beta=inputs.hp["wind_beta"],
+            variant=variant or inputs.algo.wind_variant,
+        )
+
+    return loss
+
+
+def _reinforce_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
+    return policy_gradient.reinforce(
+        inputs.policy_logp(inputs.policy), inputs.policy.ref_logp, inputs.policy.rewards, beta=inputs.hp["kl_coef"]
+    )
+
+
+def _chosen_rejected(samples: Samples, key: jax.Array) -> tuple[Samples, Samples]:
+    """Best and worst of each prompt's samples by reward, ties broken at random."""
+    k_best, k_worst = jax.random.split(key)
+    chosen = take_sample(samples, bon.best_index(samples.rewards, k_best))
+    rejected = take_sample(samples, bon.best_index(-samples.rewards, k_worst))
+    return chosen, rejected
+
+
+def _pairwise_loss(fn) -> LossFn:
+    """Online DPO / IPO / SPPO: chosen and rejected are the best and worst of the policy's samples."""
+
+    def loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
+        chosen, rejected = _chosen_rejected(inputs.policy, inputs.key)
+        return fn(
+            inputs.policy_logp(chosen)[:, 0],
+            inputs.policy_logp(rejected)[:, 0],
+            chosen.ref_logp[:, 0],
+            rejected.ref_logp[:, 0],
+            beta=inputs.hp["pref_beta"],
+        )
+
+    return loss
+
+
+def _gdc_log_target(samples: Samples, hp) -> jax.Array:
+    """log P(y) = log π_ref(y) + r(y)/τ: the KL-control target π_ref·exp(r/τ) (Korbak et al. 2022)."""
+    return samples.ref_logp + samples.rewards / hp["target_temperature"]
+
+
+def _gdcpp_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
+    """GDC++ on policy samples (q = π). The target π_ref(y|x)·exp(r/τ) is normalized per prompt,
+    so each prompt's Z_x is estimated from its own samples (`prompt_log_z`), not pooled."""
+    log_target = _gdc_log_target(inputs.policy, inputs.hp)
+    return distribution_matching.gdc_pp(
+        inputs.policy_logp(inputs.policy),
+        inputs.policy.sampler_logp,
+        log_target,
+        log_z=distribution_matching.prompt_log_z(inputs.policy.sampler_logp, log_target),
+    )
+
+
+def _raft_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
+    return rejection_sft.best_of_n_sft(inputs.policy_logp(inputs.policy), inputs.policy.rewards, key=inputs.key)
+
+
+def _bonbon_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
+    n = _count(inputs.algo, "n")
+    ref = first(inputs.reference, n)
+    return rejection_sft.bonbon(
+        inputs.policy_logp(ref), ref.ref_logp, ref.rewards, alpha=inputs.hp["bonbon_alpha"],
+        beta=rejection_sft.bonbon_beta(n), key=inputs.key,
+    )
+
+
+def _vbon_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
+    return policy_gradient.vbon(
+        inputs.policy_logp(inputs.policy),
+        inputs.policy.ref_logp,
+        log_quantiles(inputs.policy, inputs.reference),
+        n=inputs.hp["n"],
+    )
+
+
+def _at_least(field: str, minimum: float, algo) -> None:
+    if float(algo[field]) < minimum:
+        raise ValueError(f"config.algo.{field}={algo[field]!r} must be at least {minimum}.")
+
+
+def _need_pairs(algo) -> None:
+    if algo.num_samples < 2:
+        raise ValueError(f"config.algo.num_samples={algo.num_samples} must be at least 2 for pairwise losses.")
+
+
+BOND = "arXiv 2407.14622 (Sessa et al. 2024)"
+
+register(Algorithm("bond", plan=_bond_plan, loss=_bond_loss, paper=BOND + ", §4"))
+register(Algorithm("iterative_bond", plan=_iterative_bond_plan, loss=_iterative_bond_loss, anchor="hard", paper=BOND + ", §5"))
+register(
+    Algorithm(
+        "j_bond", plan=lambda algo: SamplingPlan(policy=algo.num_samples, anchor=2), loss=_j_bond_loss,
+        anchor="ema", paper=BOND + ", §6",
+    )
+)
+register(
+    Algorithm(
+        "wind", plan=lambda algo: SamplingPlan(policy=algo.num_samples), loss=_wind_loss(None), validate=_need_pairs,
+        paper="arXiv 2410.20727 (Yang et al. 2024)",
+    )
+)
+register(
+    Algorithm(
+        "reinforce", plan=lambda algo: SamplingPlan(policy=algo.num_samples), loss=_reinforce_loss,
+        paper="RLOO: Ahmadian et al. 2024, arXiv 2402.14740",
+    )
+)
+for _name, _fn, _paper in (
+    ("dpo", preference.dpo, "arXiv 2305.18290 (online: samples of the policy)"),
+    ("ipo", preference.ipo, "arXiv 2310.12036 (online)"),
+    ("sppo", preference.sppo_hard, "arXiv 2405.00675 (hard labels, online)"),
+):
+    register(
+        Algorithm(_name, plan=lambda algo: SamplingPlan(policy=algo.num_samples), loss=_pairwise_loss(_fn),
+                  validate=_need_pairs, paper=_paper)
+    )
+register(
+    Algorithm(
+        "gdcpp", plan=lambda algo: SamplingPlan(policy=algo.num_samples), loss=_gdcpp_loss, validate=_need_pairs,
+        paper="arXiv 2206.00761 (Korbak et al. 2022)",
+    )
+)
+register(
+    Algorithm(
+        "raft", plan=lambda algo: SamplingPlan(policy=algo.num_samples), loss=_raft_loss, validate=_need_pairs,
+        paper="arXiv 2304.06767 (Dong et al. 2023)",
+    )
+)
+register(
+    Algorithm(
+        "bonbon", plan=lambda algo: SamplingPlan(reference=_count(algo, "n")), loss=_bonbon_loss,
+        validate=lambda algo: _at_least("n", 2, algo), paper="arXiv 2406.00832 (Gui et al. 2024)",
+    )
+)
+register(
+    Algorithm(
+        "vbon", plan=lambda algo: SamplingPlan(policy=algo.num_samples, reference=algo.num_ref_samples),
+        loss=_vbon_loss, paper="arXiv 2407.06057 (Amini et al. 2024)",
+    )
+)

@@ -1,0 +1,117 @@
+"""The base experiment config: every field an online run reads, with its default.
+
+Each file in configs/ starts from `base_config()` and sets its algorithm's fields; the
+defaults here are the default run (J-BOND on the toy language). Fields a sweep varies as
+traced values (β, γ, η, N, learning-rate scale, seed) never change compiled shapes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.algorithm = "j_bond"
+    c.task = "toy_language"
+    c.seed = 0
+
+    # Policy / reference architecture (a small GPT-2-shaped decoder).
+    c.model = ml_collections.ConfigDict(
+        dict(num_layers=2, d_model=64, num_heads=4, d_ff=256, dtype="float32")
+    )
+
+    # Reference (SFT) pretraining on the task's corpus; cached under cache_dir and reused.
+    c.reference = ml_collections.ConfigDict(
+        dict(steps=1500, batch_size=128, learning_rate=3e-3, corpus_size=60_000, seed=0)
+    )
+    # Proxy reward model (tasks with a hidden gold reward only): Bradley–Terry on gold-labelled pairs.
+    c.reward_model = ml_collections.ConfigDict(
+        dict(use_proxy=False, steps=1000, batch_size=128, learning_rate=1e-3, num_pairs=40_000, seed=0)
+    )
+    c.cache_dir = ""  # "" = $BOND_CACHE or ~/.cache/bond
+
+    # Online alignment.
+    c.steps = 300
+    c.batch_size = 64  # prompts per step
+    c.learning_rate = 3e-4
+    c.lr_scale = 1.0  # multiplies learning_rate; traced, so sweeps over it share one program
+    c.grad_clip = 1.0
+    c.temperature = 1.0
+    c.top_k = 0
+    c.top_p = 1.0
+
+    # Algorithm hyperparameters (each algorithm reads the ones it needs; see bond/algorithms.py).
+    c.algo = ml_collections.ConfigDict(
+        dict(
+            n=8.0,  # N of best-of-N
+            beta=0.5,  # Jeffreys mix: (1−β)·forward + β·backward, in [0, 1]
+            gamma=0.0,  # J-BOND's γ·KL(π‖π_anchor)
+            num_samples=1,  # policy samples per prompt
+            num_ref_samples=16,  # k reference (or anchor) samples per prompt for quantiles
+            kl_coef=0.05,  # β of REINFORCE's KL(π‖π_ref) penalty
+            pref_beta=0.1,  # β of DPO / IPO / SPPO
+            wind_eta=1.0,  # WIND step size η
+            wind_beta=0.1,  # WIND KL-to-reference strength β
+            wind_variant="square",
+            preference="hard",  # how rewards become P(y ≻ y'): 'hard' or 'bradley_terry'
+            target_temperature=1.0,  # GDC++ target P = π_ref·exp(r / τ)
+            bonbon_alpha=0.5,
+        )
+    )
+    # Anchor: 'none', 'hard' (copy the policy every anchor_period steps) or 'ema' (θ_a ← (1−η)θ_a + ηθ).
+    c.anchor = ml_collections.ConfigDict(dict(kind="ema", eta=0.05, period=50))
+
+    c.eval = ml_collections.ConfigDict(
+        dict(every=50, num_prompts=16, exact=True, num_samples=32, bon_ns=(2, 4, 8, 16))
+    )
+    c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3))
+    c.log_every = 10
+    c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 absorbs the remaining devices
+    c.num_devices = 0  # devices the mesh spans (the first ones); 0 = all
+    c.plots = True
+    return c
+
+
+def quick(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `quick` variant of any config: a tiny budget for smoke tests and CI."""
+    c.steps = 40
+    c.batch_size = 16
+    c.reference.steps = 200
+    c.reference.corpus_size = 8_000
+    c.reward_model.steps = 100
+    c.reward_model.num_pairs = 4_000
+    c.eval.every = 20
+    c.eval.num_prompts = 4
+    c.checkpoint.every = 20
+    c.log_every = 10
+    c.plots = False
+    return c
+
+
+def apply_args(c: ml_collections.ConfigDict, arg: str | None, variants: dict | None = None) -> ml_collections.ConfigDict:
+    """Applies a config file's argument: comma-separated variant names, `quick` among them.
+
+    `configs/wind.py:kl,quick` → the 'kl' variant of configs/wind.py with the quick budget.
+    """
+    variants = dict(variants or {})
+    variants["quick"] = quick
+    for name in [a for a in (arg or "").split(",") if a]:
+        if name not in variants:
+            raise ValueError(f"unknown config argument {name!r}; this config accepts {sorted(variants)}.")
+        variants[name](c)
+    return c
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """The config of a file spec `path/to/config.py[:arg]`, as `--config=` would load it."""
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location(f"bond_config_{Path(path).stem}", path)
+    if module_spec is None or not Path(path).exists():
+        raise FileNotFoundError(f"no config file at {path!r}")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)

@@ -1,0 +1,433 @@
+"""The online loop: sample → score → log-probs → loss → optax update → anchor update → evaluate → checkpoint.
+
+Read top to bottom: setup (config → task, models, algorithm, mesh), the jitted train step,
+evaluation (exact on enumerable tasks), and `run`, the loop with checkpoints and metrics.
+
+Determinism: step t's randomness is fold_in(PRNGKey(seed), t) and its prompts are rows
+[t·B, (t+1)·B) of the task's train prompt stream, so a run resumed from a checkpoint continues
+exactly as if never stopped. Hyperparameters that sweeps vary (β, γ, η, N, learning-rate scale)
+enter the step as traced arrays (`hparams`): changing them does not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from bond import algorithms, bon, exact, sharding, stages
+from bond.algorithms import Algorithm, LossInputs, Samples, SamplingPlan
+from bond.checkpoint import Checkpointer, abstract_like, install_sigterm_handler
+from bond.metrics import MetricWriter, Progress, check_finite, read_metrics
+from bond.plots import plot_run
+from bond.models import TransformerConfig, param_logical_axes, reward_model_scores, sequence_logprobs
+from bond.sampling import sample
+from bond.tasks import Task, get_task, synthetic_language
+from bond.tasks.prompts import load_prompts, read_prompt_batch
+from bond.validation import validate
+
+# Exact evaluation enumerates every response; beyond this many per prompt it falls back to sampling.
+MAX_EXACT_RESPONSES = 200_000
+
+
+class TrainState(NamedTuple):
+    """Everything a step changes; checkpointed whole."""
+
+    step: jax.Array  # int32 scalar: steps completed
+    params: Any
+    anchor_params: Any  # None when the run has no anchor
+    opt_state: Any
+    nonfinite_step: jax.Array  # int32: first step whose loss was NaN/inf, −1 while none was
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """Static facts of a run, derived once from the config."""
+
+    config: ml_collections.FrozenConfigDict
+    task: Task
+    model: TransformerConfig
+    algorithm: Algorithm
+    plan: SamplingPlan
+    anchor_kind: str  # 'none', 'hard' or 'ema'
+    reward_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (tokens, attention, response) → [N]
+    eval_reward_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+    mesh: jax.sharding.Mesh
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+def anchor_kind(config, algorithm: Algorithm) -> str:
+    """The anchor rule: none for algorithms without one, else config.anchor.kind."""
+    return "none" if algorithm.anchor == "none" else config.anchor.kind
+
+
+def hparams(config) -> dict[str, jax.Array]:
+    """The traced hyperparameters: config.algo's numbers, the learning rate and the anchor's η."""
+    hp = {k: v for k, v in config.algo.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    hp.update(learning_rate=config.learning_rate, lr_scale=config.lr_scale, anchor_eta=config.anchor.eta)
+    return {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """Adam with global-norm clipping; the learning rate is applied in the step (it is traced)."""
+    parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
+    return optax.chain(*parts, optax.scale_by_adam())
+
+
+def make_setup(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[Setup, Any]:
+    """Validates the config, builds (or loads) the reference and reward models; → (Setup, ref params)."""
+    validate(config)
+    task = get_task(config.task)
+    algorithm = algorithms.get_algorithm(config.algorithm)
+    model, ref_params = stages.pretrained_reference(config, task, log)
+
+    def task_reward(tokens, attention_mask, response_mask):
+        return task.reward(tokens, response_mask)
+
+    reward_fn = task_reward
+    if config.reward_model.use_proxy:
+        rm_model, rm_params = stages.proxy_reward_model(config, task, synthetic_language.preference_corpus, log)
+
+        def reward_fn(tokens, attention_mask, response_mask):
+            return reward_model_scores(rm_params, tokens, attention_mask, model=rm_model)
+
+    mesh = sharding.make_mesh(config.mesh_shape, devices=jax.devices()[: config.num_devices or None])
+    sharding.check_batch_divides(config.batch_size, mesh, field="config.batch_size")
+    setup = Setup(
+        config=ml_collections.FrozenConfigDict(config),
+        task=task,
+        model=model,
+        algorithm=algorithm,
+        plan=algorithm.plan(config.algo),
+        anchor_kind=anchor_kind(config, algorithm),
+        reward_fn=reward_fn,
+        eval_reward_fn=task_reward,
+        mesh=mesh,
+    )
+    return setup, ref_params
+
+
+def init_state(setup: Setup, ref_params) -> TrainState:
+    """The policy (and anchor) start at the reference."""
+    copy = lambda tree: jax.tree.map(jnp.array, tree)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=copy(ref_params),
+        anchor_params=copy(ref_params) if setup.anchor_kind != "none" else None,
+        opt_state=make_optimizer(setup.config).init(ref_params),
+        nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
+
+
+def state_shardings(setup: Setup, state: TrainState) -> TrainState:
+    """Parameters by their logical axes (bond/sharding.py rules), optimizer state like them, the rest replicated."""
+    mesh = setup.mesh
+    params = sharding.param_shardings(state.params, param_logical_axes(setup.model), mesh)
+    rep = sharding.replicated(mesh)
+    return TrainState(
+        step=rep,
+        params=params,
+        anchor_params=params if state.anchor_params is not None else None,
+        opt_state=sharding.shardings_like_params(state.opt_state, state.params, params, mesh),
+        nonfinite_step=rep,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The train step
+
+
+def _draw(setup: Setup, params, prompts, prompt_mask, key, count: int, logp_params: dict, source: str) -> Samples:
+    """`count` samples per prompt from `params`, scored, with log-probs under reference and anchor."""
+    c = setup.config
+    out = sample(
+        setup.model, params, prompts, prompt_mask, key, num_samples=count,
+        max_new_tokens=setup.task.max_response_length, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+        eos_id=setup.task.eos_id,
+    )
+    b, s, t = out.tokens.shape
+    flat = lambda x: x.reshape(b * s, t)
+    rewards = setup.reward_fn(flat(out.tokens), flat(out.attention_mask), flat(out.response_mask)).reshape(b, s)
+    sampler_logp = out.logprobs.sum(-1)
+    plain = c.temperature == 1.0 and c.top_k == 0 and c.top_p == 1.0
+
+    def logp_under(name: str) -> jax.Array:
+        if name == source and plain:  # the sampler's own log-probs are exact then: skip a forward pass
+            return sampler_logp
+        if logp_params.get(name) is None:
+            return jnp.zeros_like(sampler_logp)
+        return sequence_logprobs(
+            logp_params[name], out.tokens, out.response_mask, model=setup.model, attention_mask=out.attention_mask
+        )[1]
+
+    return Samples(
+        out.tokens, out.attention_mask, out.response_mask, rewards, sampler_logp,
+        logp_under("reference"), logp_under("anchor"),
+    )
+
+
+def _update_anchor(kind: str, anchor, params, step, hp, period: int):
+    if kind == "ema":  # θ_anchor ← (1 − η)·θ_anchor + η·θ   (BOND §6)
+        return jax.tree.map(lambda a, p: (1.0 - hp["anchor_eta"]) * a + hp["anchor_eta"] * p, anchor, params)
+    if kind == "hard":  # copy every `period` steps (iterative BOND, §5)
+        move = (step + 1) % period == 0
+        return jax.tree.map(lambda a, p: jnp.where(move, p, a), anchor, params)
+    return anchor
+
+
+def _sample_metrics(name: str, samples: Optional[Samples]) -> dict[str, jax.Array]:
+    if samples is None:
+        return {}
+    return {
+        f"{name}_reward": jnp.mean(samples.rewards),
+        f"{name}_length": jnp.mean(jnp.sum(samples.response_mask, axis=-1)),
+        f"{name}_kl_ref_estimate": jnp.mean(samples.sampler_logp - samples.ref_logp),
+    }
+
+
+def make_train_step(setup: Setup) -> Callable:
+    """The jitted step (state, ref_params, prompts, prompt_mask, hp, seed_key) → (state, metrics)."""
+    plan, algorithm, model = setup.plan, setup.algorithm, setup.model
+    optimizer = make_optimizer(setup.config)
+    period = int(setup.config.anchor.period)
+
+    def step(state: TrainState, ref_params, prompts, prompt_mask, hp, seed_key):
+        key = jax.random.fold_in(seed_key, state.step)
+        k_policy, k_anchor, k_ref, k_loss = jax.random.split(key, 4)
+        logp_params = {"reference": ref_params, "anchor": state.anchor_params}
+
+        def draw(params, k, count, source):
+            return _draw(setup, params, prompts, prompt_mask, k, count, logp_params, source) if count else None
+
+        policy = draw(state.params, k_policy, plan.policy, "policy")
+        anchor = draw(state.anchor_params, k_anchor, plan.anchor, "anchor")
+        reference = draw(ref_params, k_ref, plan.reference, "reference")
+        inputs = LossInputs(None, policy, anchor, reference, hp, setup.config.algo, k_loss)
+
+        def loss_fn(params):
+            def policy_logp(s: Samples) -> jax.Array:
+                return sequence_logprobs(params, s.tokens, s.response_mask, model=model, attention_mask=s.attention_mask)[1]
+
+            return algorithm.loss(inputs._replace(policy_logp=policy_logp))
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        lr = hp["learning_rate"] * hp["lr_scale"]
+        params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
+        anchor_params = _update_anchor(setup.anchor_kind, state.anchor_params, params, state.step, hp, period)
+        first_bad = jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss), state.step, state.nonfinite_step)
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            **_sample_metrics("policy", policy),
+            **_sample_metrics("anchor", anchor),
+        }
+        new_state = TrainState(state.step + 1, params, anchor_params, opt_state, first_bad)
+        return new_state, metrics
+
+    return step
+
+
+def compile_train_step(setup: Setup, state: TrainState, ref_params) -> Callable:
+    """jax.jit of the step with its shardings (the successor of pjit); the state is donated."""
+    mesh = setup.mesh
+    state_sh = state_shardings(setup, state)
+    params_sh = state_sh.params
+    batch_sh = sharding.batch_sharding(mesh)
+    rep = sharding.replicated(mesh)
+    return sharding.jit_sharded(
+        make_train_step(setup),
+        in_shardings=(state_sh, params_sh, batch_sh, batch_sh, rep, rep),
+        out_shardings=(state_sh, rep),
+        donate_argnums=(0,),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+class Evaluator:
+    """Evaluates a policy on the task's eval prompts against the reference.
+
+    Exact (enumerating every response, bond/exact.py) when the task is small enough and
+    config.eval.exact is set: expected reward, KL(π‖π_ref), win rate against π_ref and the BoN
+    KLs for config.eval.bon_ns. Otherwise by sampling config.eval.num_samples responses per prompt
+    from the policy and the reference: reward, a Monte-Carlo KL(π‖π_ref), win rate against the
+    reference samples and the policy samples' log-quantile among them.
+    """
+
+    def __init__(self, setup: Setup, ref_params, key: jax.Array):
+        self.setup = setup
+        c = setup.config
+        task = setup.task
+        prompts = task.prompts("eval", c.eval.num_prompts, c.seed)
+        self.prompts, self.prompt_mask = jnp.asarray(prompts.tokens), jnp.asarray(prompts.mask)
+        self.ref_params = ref_params
+        self.key = key
+        size = exact.num_responses(task.vocab_size, task.max_response_length)
+        self.exact = bool(c.eval.exact) and size <= MAX_EXACT_RESPONSES
+        if self.exact:
+            self.space = exact.enumerate_responses(task.vocab_size, task.max_response_length, task.eos_id)
+            self.ref_logprobs = self._logprobs(ref_params)
+            self.rewards = self._space_rewards(setup.eval_reward_fn)
+
+    def _logprobs(self, params) -> jax.Array:
+        return exact.response_logprobs(self.setup.model, params, self.prompts, self.prompt_mask, self.space)
+
+    def _space_rewards(self, reward_fn) -> jax.Array:
+        """r(x, y) of every response for every eval prompt: [B, M]."""
+        b, p = self.prompts.shape
+        m, length = self.space.tokens.shape
+        tokens = jnp.concatenate(
+            [jnp.broadcast_to(self.prompts[:, None], (b, m, p)), jnp.broadcast_to(self.space.tokens, (b, m, length))], -1
+        )
+        response = jnp.concatenate(
+            [jnp.zeros((b, m, p), jnp.float32), jnp.broadcast_to(self.space.response_mask, (b, m, length))], -1
+        )
+        attention = jnp.concatenate(
+            [jnp.broadcast_to(self.prompt_mask[:, None], (b, m, p)).astype(jnp.float32), response[..., p:]], -1
+        )
+        flat = lambda x: x.reshape(b * m, p + length)
+        return reward_fn(flat(tokens), flat(attention), flat(response)).reshape(b, m)
+
+    def __call__(self, params) -> dict[str, float]:
+        if self.exact:
+            metrics = exact.exact_metrics(self._logprobs(params), self.ref_logprobs, self.rewards, self.setup.config.eval.bon_ns)
+            return {k: float(v) for k, v in metrics["mean"].items()}
+        return self._sampled(params)
+
+    def _sampled(self, params) -> dict[str, float]:
+        c = self.setup.config
+        k_policy, k_ref = jax.random.split(self.key)
+        empty = {}
+        policy = _draw(self.setup, params, self.prompts, self.prompt_mask, k_policy, c.eval.num_samples,
+                       {"reference": self.ref_params}, "policy")
+        ref = _draw(self.setup, self.ref_params, self.prompts, self.prompt_mask, k_ref, c.eval.num_samples,
+                    empty, "reference")
+        gold = lambda s: self.setup.eval_reward_fn(
+            s.tokens.reshape(-1, s.tokens.shape[-1]), s.attention_mask.reshape(-1, s.tokens.shape[-1]),
+            s.response_mask.reshape(-1, s.tokens.shape[-1]),
+        ).reshape(s.rewards.shape)
+        r_policy, r_ref = gold(policy), gold(ref)
+        wins = (r_policy[:, :, None] > r_ref[:, None, :]) + 0.5 * (r_policy[:, :, None] == r_ref[:, None, :])
+        metrics = {
+            "reward": jnp.mean(r_policy),
+            "kl_policy_ref": jnp.mean(policy.sampler_logp - policy.ref_logp),
+            "win_rate_vs_ref": jnp.mean(wins),
+            "log_quantile": jnp.mean(bon.smoothed_log_quantile(r_policy, r_ref)),
+        }
+        if self.setup.config.reward_model.use_proxy:
+            metrics["proxy_reward"] = jnp.mean(policy.rewards)
+        return {k: float(v) for k, v in metrics.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
+    """Trains `config` into `workdir`, resuming from its last checkpoint; returns the summary dict."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    setup, ref_params = make_setup(config, log)
+    c = setup.config
+    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
+
+    state = init_state(setup, ref_params)
+    shardings = state_shardings(setup, state)
+    state = jax.device_put(state, shardings)
+    ref_params = jax.device_put(ref_params, shardings.params)
+    checkpointer = Checkpointer(workdir / "checkpoints", save_every=c.checkpoint.every, keep=c.checkpoint.keep)
+    writer = MetricWriter(workdir)
+    start = checkpointer.latest_step()
+    if start is not None:
+        state, _ = checkpointer.restore(start, abstract_state=abstract_like(state, shardings))
+        log(f"Resumed from the checkpoint at step {start} in {workdir / 'checkpoints'}")
+    start = int(start or 0)
+    writer.truncate_after(start)  # lines a killed run wrote after its last checkpoint
+
+    seed_key = jax.random.PRNGKey(c.seed)
+    hp = hparams(c)
+    train_step = compile_train_step(setup, state, ref_params)
+    prompt_source = load_prompts(c.task, "train", stages.cache_root(c.cache_dir) / "tfds")
+    evaluator = Evaluator(setup, ref_params, jax.random.fold_in(seed_key, 2**30))
+    stop = install_sigterm_handler()
+    progress = Progress(c.steps)
+
+    def evaluate(step: int) -> dict:
+        metrics = {f"eval/{k}": v for k, v in evaluator(state.params).items()}
+        writer.write(step, metrics)
+        return metrics
+
+    before = evaluate(0) if start == 0 else None
+    last_saved = start if start else None
+    step = start
+    try:
+        while step < c.steps:
+            if stop.stop_requested():
+                checkpointer.save(step, state, {"data_position": step * c.batch_size}, force=True)
+                checkpointer.wait_until_finished()
+                log(f"Stopped by SIGTERM after step {step}; saved a checkpoint.")
+                return {"stopped_at": step}
+            batch = read_prompt_batch(prompt_source, step * c.batch_size, c.batch_size)
+            state, metrics = train_step(state, ref_params, batch.tokens, batch.mask, hp, seed_key)
+            step += 1
+            if step % c.log_every == 0 or step == c.steps:
+                host = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+                _stop_if_nonfinite(state, last_saved)
+                writer.write(step, host)
+                progress.update(step, host)
+            if step % c.eval.every == 0 or step == c.steps:
+                progress.update(step, evaluate(step))
+            if step % c.checkpoint.every == 0 or step == c.steps:
+                _stop_if_nonfinite(state, last_saved)
+                checkpointer.save(step, state, {"data_position": step * c.batch_size}, force=True)
+                last_saved = step
+    finally:
+        checkpointer.wait_until_finished()
+        checkpointer.close()
+        writer.close()
+        stop.close()
+
+    after = {k: v for k, v in _last_eval(workdir).items()}
+    summary = {"steps": c.steps, "algorithm": c.algorithm, "task": c.task, "before": before or _first_eval(workdir),
+               "after": after}
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    if c.plots:
+        plot_run(workdir)
+    return summary
+
+
+def _stop_if_nonfinite(state: TrainState, last_saved: Optional[int]) -> None:
+    """Raises NonFiniteLossError naming the first step whose loss was NaN/inf and the last good checkpoint."""
+    bad = int(state.nonfinite_step)
+    if bad >= 0:
+        check_finite(bad + 1, {"loss": float("nan")}, last_saved)
+
+
+def _evals(workdir: Path) -> list[dict]:
+    return [r for r in read_metrics(workdir / "metrics.jsonl") if any(k.startswith("eval/") for k in r)]
+
+
+def _first_eval(workdir: Path) -> dict:
+    rows = _evals(workdir)
+    return {k: v for k, v in rows[0].items() if k.startswith("eval/")} if rows else {}
+
+
+def _last_eval(workdir: Path) -> dict:
+    rows = _evals(workdir)
+    return {k: v for k, v in rows[-1].items() if k.startswith("eval/")} if rows else {}

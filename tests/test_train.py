@@ -1,0 +1,175 @@
+"""The experiment runner end to end: every algorithm, resume after a kill, sharding, validation.
+
+Runs use a tiny budget (a one-layer model, 20 steps, exact evaluation on two prompts) and a
+reference pretrained once per session into a shared cache.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from bond import algorithms, train
+from bond.config_base import load_config
+from bond.metrics import NonFiniteLossError, read_metrics
+from bond.validation import ConfigError, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {name: ROOT / "configs" / f"{name}.py" for name in algorithms.names() if (ROOT / "configs" / f"{name}.py").exists()}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("bond_cache"))
+
+
+def tiny(name: str, cache_dir: str, **overrides):
+    """The quick variant of configs/<name>.py, shrunk further for tests."""
+    c = load_config(f"{CONFIGS[name]}:quick")
+    c.cache_dir = cache_dir
+    c.model.update(num_layers=1, d_model=32, num_heads=2, d_ff=64)
+    c.reference.update(steps=300, corpus_size=4000, batch_size=64)
+    c.steps = 20
+    c.batch_size = 8
+    c.eval.update(every=20, num_prompts=2)
+    c.checkpoint.every = 10
+    c.num_devices = 1
+    for key, value in overrides.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return c
+
+
+def test_every_algorithm_has_a_config():
+    assert sorted(CONFIGS) == algorithms.names()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_every_algorithm_runs_end_to_end(name, cache_dir, tmp_path):
+    summary = train.run(tiny(name, cache_dir), tmp_path, log=lambda _: None)
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    assert len(losses) == 2 and np.all(np.isfinite(losses))
+    before, after = summary["before"], summary["after"]
+    assert np.isfinite(after["eval/reward"]) and after["eval/kl_policy_ref"] > 0
+    # The policy moved from the reference it started at.
+    assert before["eval/kl_policy_ref"] == pytest.approx(0.0, abs=1e-4)
+    assert (tmp_path / "summary.json").exists() and (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("name", ["bond", "j_bond", "wind", "reinforce"])
+def test_reward_rises(name, cache_dir, tmp_path):
+    """Exact expected reward on the eval prompts after 40 steps exceeds the reference's by 0.1
+    (the reward's standard deviation under the reference is about 0.5)."""
+    c = tiny(name, cache_dir, steps=40, **{"eval.every": 40, "checkpoint.every": 40})
+    summary = train.run(c, tmp_path, log=lambda _: None)
+    assert summary["after"]["eval/reward"] > summary["before"]["eval/reward"] + 0.1
+    assert summary["after"]["eval/win_rate_vs_ref"] > 0.52
+
+
+def run_cli(args, cache_dir, **kwargs):
+    env = {**os.environ, "BOND_CACHE": cache_dir, "PYTHONUNBUFFERED": "1"}
+    env["XLA_FLAGS"] = ""  # a plain single-device process
+    return subprocess.Popen([sys.executable, "-m", "bond.main", *args], env=env, cwd=ROOT, **kwargs)
+
+
+def cli_args(workdir, cache_dir, steps=30):
+    return [
+        f"--config={CONFIGS['j_bond']}:quick", f"--workdir={workdir}", f"--config.cache_dir={cache_dir}",
+        "--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.num_heads=2",
+        "--config.model.d_ff=64", "--config.reference.steps=300", "--config.reference.corpus_size=4000",
+        "--config.reference.batch_size=64", f"--config.steps={steps}", "--config.batch_size=8",
+        "--config.eval.every=10", "--config.eval.num_prompts=2", "--config.checkpoint.every=5",
+        "--config.log_every=1",
+    ]
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(cache_dir, tmp_path):
+    """SIGKILL a run mid-way (any moment after its first checkpoint, a save may be under way),
+    rerun the same command: the metrics equal an uninterrupted run's exactly."""
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert run_cli(cli_args(full, cache_dir), cache_dir).wait(timeout=600) == 0
+    proc = run_cli(cli_args(killed, cache_dir), cache_dir)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        rows = read_metrics(killed / "metrics.jsonl") if (killed / "metrics.jsonl").exists() else []
+        if any(r["step"] >= 17 for r in rows):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert run_cli(cli_args(killed, cache_dir), cache_dir).wait(timeout=600) == 0
+    assert read_metrics(killed / "metrics.jsonl") == read_metrics(full / "metrics.jsonl")
+
+
+def test_sharded_run_equals_single_device_run(cache_dir, tmp_path):
+    """The same run on 8 fake devices (mesh (8, 1, 1), then (2, 2, 2)) and on one device."""
+    one = train.run(tiny("j_bond", cache_dir, steps=10), tmp_path / "one", log=lambda _: None)
+    for mesh in [(8, 1, 1), (2, 2, 2)]:
+        c = tiny("j_bond", cache_dir, steps=10, num_devices=8, mesh_shape=mesh)
+        sharded = train.run(c, tmp_path / f"mesh{mesh}", log=lambda _: None)
+        for key, value in one["after"].items():
+            np.testing.assert_allclose(sharded["after"][key], value, rtol=1e-4, atol=1e-5, err_msg=f"{mesh} {key}")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("algorithm", "ppo", "config.algorithm='ppo' is not registered"),
+        ("algo.n", 1.0, "config.algo.n=1.0 must be >= 2"),
+        ("algo.beta", 1.5, "config.algo.beta=1.5 must be in [0, 1]"),
+        ("anchor.eta", 0.0, "config.anchor.eta=0.0 must be in (0, 1]"),
+        ("algo.gamma", -1.0, "config.algo.gamma=-1.0 must be >= 0"),
+        ("algo.num_ref_samples", 0, "config.algo.num_ref_samples=0 must be an integer >= 1"),
+        ("mesh_shape", (3, 1, 1), "config.mesh_shape"),
+        ("batch_size", 12, "config.batch_size=12 must be divisible by the data axes"),
+        ("num_devices", 64, "config.num_devices=64"),
+    ],
+)
+def test_validation_names_the_field(field, value, message, cache_dir):
+    c = tiny("bond", cache_dir)
+    if field == "batch_size":
+        c.num_devices, c.mesh_shape = 8, (8, 1, 1)
+    c_node, *_ = [c]
+    *parents, leaf = field.split(".")
+    for part in parents:
+        c_node = c_node[part]
+    c_node[leaf] = value
+    with pytest.raises(ConfigError) as error:
+        validate(c)
+    assert message in str(error.value)
+
+
+def test_cli_config_error_is_one_line_and_exit_2(cache_dir, tmp_path):
+    proc = run_cli([f"--workdir={tmp_path}", "--config.algo.beta=2.0"], cache_dir, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert "config error: config.algo.beta=2.0 must be in [0, 1]" in err
+    assert "Traceback" not in err
+
+
+def test_nonfinite_loss_stops_the_run_naming_step_and_checkpoint(cache_dir, tmp_path):
+    """Ten good steps (checkpoints at 5 and 10), then the same folder resumed with a learning rate
+    that blows the policy up. Step 11's loss is still finite (its update is what breaks the
+    parameters), so the first NaN loss is step 12's: the run names it and checkpoint 10, and
+    saves nothing after it."""
+    good = tiny("reinforce", cache_dir, steps=10, log_every=1, **{"checkpoint.every": 5})
+    train.run(good, tmp_path, log=lambda _: None)
+    bad = tiny("reinforce", cache_dir, steps=20, log_every=1, learning_rate=1e30, **{"checkpoint.every": 5})
+    with pytest.raises(NonFiniteLossError) as error:
+        train.run(bad, tmp_path, log=lambda _: None)
+    message = str(error.value)
+    assert "step 12" in message, message
+    assert "10" in message.split("checkpoint", 1)[1], message
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [5, 10]
