@@ -92,13 +92,25 @@ def quick(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return c
 
 
+def synthetic(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The `synthetic` variant: the larger synthetic language, trained on a learned proxy reward
+    and evaluated (by sampling) under the hidden gold reward — where over-optimization shows."""
+    c.task = "synthetic_language"
+    c.reward_model.use_proxy = True
+    c.eval.exact = False
+    c.model.update(num_layers=2, d_model=128, num_heads=4, d_ff=512)
+    return c
+
+
 def apply_args(c: ml_collections.ConfigDict, arg: str | None, variants: dict | None = None) -> ml_collections.ConfigDict:
     """Applies a config file's argument: comma-separated variant names, `quick` among them.
 
-    `configs/wind.py:kl,quick` → the 'kl' variant of configs/wind.py with the quick budget.
+    `configs/wind.py:kl,quick` → the 'kl' variant of configs/wind.py with the quick budget;
+    every config also accepts `synthetic` (the larger task with a proxy reward model).
     """
     variants = dict(variants or {})
     variants["quick"] = quick
+    variants["synthetic"] = synthetic
     for name in [a for a in (arg or "").split(",") if a]:
         if name not in variants:
             raise ValueError(f"unknown config argument {name!r}; this config accepts {sorted(variants)}.")

@@ -4,6 +4,7 @@
     python -m bond.main --workdir=DIR                    # the same into DIR (resumes if DIR has a checkpoint)
     python -m bond.main --config=configs/wind.py --workdir=DIR --config.algo.wind_eta=0.5
     python -m bond.main --config=configs/bond.py:quick   # a config's quick variant
+    python -m bond.main --imports=my_losses --config.algorithm=my_loss   # a loss registered in my_losses.py
 
 A config file defines `get_config(arg)`; `--config.<field>=<value>` overrides any field. The run
 pretrains (or loads) the reference, trains, evaluates against the reference, writes
@@ -14,6 +15,7 @@ prints the before → after summary. A config error exits with status 2 and one 
 from __future__ import annotations
 
 import datetime
+import importlib
 import sys
 from pathlib import Path
 
@@ -26,6 +28,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "j_bond.py"
 
 config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Experiment config file (get_config).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run folder; default: a fresh folder under runs/.")
+flags.DEFINE_list("imports", [], "Modules to import first, e.g. ones that register algorithms (comma-separated).")
 
 
 def default_workdir(algorithm: str) -> Path:
@@ -47,6 +50,8 @@ def main(argv) -> None:
     del argv
     from bond import train  # imported here so that --help stays fast
 
+    for module in flags.FLAGS.imports:
+        importlib.import_module(module)
     config = flags.FLAGS.config
     workdir = Path(flags.FLAGS.workdir) if flags.FLAGS.workdir else default_workdir(config.algorithm)
     try:

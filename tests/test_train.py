@@ -173,3 +173,14 @@ def test_nonfinite_loss_stops_the_run_naming_step_and_checkpoint(cache_dir, tmp_
     assert "step 12" in message, message
     assert "10" in message.split("checkpoint", 1)[1], message
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [5, 10]
+
+
+def test_readme_new_loss_example_trains(cache_dir, tmp_path, monkeypatch):
+    """The README's 'Adding a loss' code, run as written: it registers and trains."""
+    readme = (ROOT / "README.md").read_text()
+    code = readme.split("## Adding a loss", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    (tmp_path / "my_losses.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    __import__("my_losses")
+    summary = train.run(tiny("j_bond", cache_dir, algorithm="hinge_j_bond", steps=10), tmp_path / "run", log=lambda _: None)
+    assert np.isfinite(summary["after"]["eval/reward"])
