@@ -40,7 +40,8 @@ def format_summary(summary: dict) -> str:
     """The before → after table of the evaluation metrics."""
     before, after = summary.get("before", {}), summary.get("after", {})
     lines = [f"{summary['algorithm']} on {summary['task']}, {summary['steps']} steps: evaluation before → after"]
-    for key in after:
+    first = ["eval/reward", "eval/kl_policy_ref", "eval/win_rate_vs_ref", "eval/log_quantile", "eval/proxy_reward"]
+    for key in [k for k in first if k in after] + sorted(k for k in after if k not in first):
         name = key.removeprefix("eval/")
         lines.append(f"  {name:<22} {before.get(key, float('nan')):>10.4f} → {after[key]:>10.4f}")
     return "\n".join(lines)

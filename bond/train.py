@@ -264,8 +264,8 @@ class Evaluator:
     """Evaluates a policy on the task's eval prompts against the reference.
 
     Exact (enumerating every response, bond/exact.py) when the task is small enough and
-    config.eval.exact is set: expected reward, KL(π‖π_ref), win rate against π_ref and the BoN
-    KLs for config.eval.bon_ns. Otherwise by sampling config.eval.num_samples responses per prompt
+    config.eval.exact is set: expected reward, KL(π‖π_ref), win rate against π_ref, the expected
+    log-quantile E_π[log p_le] and the BoN KLs for config.eval.bon_ns. Otherwise by sampling config.eval.num_samples responses per prompt
     from the policy and the reference: reward, a Monte-Carlo KL(π‖π_ref), win rate against the
     reference samples and the policy samples' log-quantile among them.
     """
@@ -284,6 +284,7 @@ class Evaluator:
             self.space = exact.enumerate_responses(task.vocab_size, task.max_response_length, task.eos_id)
             self.ref_logprobs = self._logprobs(ref_params)
             self.rewards = self._space_rewards(setup.eval_reward_fn)
+            self.log_p_le = jnp.log(bon.reward_quantiles(jnp.exp(self.ref_logprobs), self.rewards).p_le)
 
     def _logprobs(self, params) -> jax.Array:
         return exact.response_logprobs(self.setup.model, params, self.prompts, self.prompt_mask, self.space)
@@ -306,8 +307,11 @@ class Evaluator:
 
     def __call__(self, params) -> dict[str, float]:
         if self.exact:
-            metrics = exact.exact_metrics(self._logprobs(params), self.ref_logprobs, self.rewards, self.setup.config.eval.bon_ns)
-            return {k: float(v) for k, v in metrics["mean"].items()}
+            logprobs = self._logprobs(params)
+            metrics = exact.exact_metrics(logprobs, self.ref_logprobs, self.rewards, self.setup.config.eval.bon_ns)["mean"]
+            # E_π[log p_le(y)]: the log-quantile BOND's backward term rewards, under π_ref's reward CDF.
+            metrics["log_quantile"] = jnp.mean(jnp.sum(jnp.exp(logprobs) * self.log_p_le, axis=-1))
+            return {k: float(v) for k, v in metrics.items()}
         return self._sampled(params)
 
     def _sampled(self, params) -> dict[str, float]:
