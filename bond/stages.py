@@ -59,10 +59,9 @@ def _stage_dir(root: Path, stage: str, task: Task, spec: dict) -> Path:
     return root / stage / f"{task.name}-{digest}"
 
 
-def _cached(path: Path, spec: dict, build: Callable[[], Any], like: Callable[[], Any]) -> Any:
-    """Loads the params at `path` (shaped like `like()`), or builds, saves (atomically) and returns them."""
+def _cached(path: Path, spec: dict, build: Callable[[], Any], abstract: Any) -> Any:
+    """Loads the params at `path` onto the shapes of `abstract`, or builds, saves (atomically) and returns them."""
     if (path / "spec.json").exists():
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like())
         return ocp.StandardCheckpointer().restore(path / "params", abstract)
     params = build()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +140,7 @@ def pretrained_reference(
         return _adam_steps(loss_fn, params, _minibatch(arrays, r.batch_size, r.seed), r.learning_rate, r.steps, log,
                            "reference")
 
-    return model, _cached(path, spec, build, lambda: init_params(model, jax.random.key(r.seed)))
+    return model, _cached(path, spec, build, jax.eval_shape(init_params, model, jax.random.key(r.seed)))
 
 
 def proxy_reward_model(
@@ -172,4 +171,4 @@ def proxy_reward_model(
         return _adam_steps(loss_fn, params, _minibatch(arrays, rm.batch_size, rm.seed), rm.learning_rate, rm.steps,
                            log, "reward model")
 
-    return model, _cached(path, spec, build, lambda: init_reward_params(model, jax.random.key(rm.seed)))
+    return model, _cached(path, spec, build, jax.eval_shape(init_reward_params, model, jax.random.key(rm.seed)))

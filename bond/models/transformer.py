@@ -1,0 +1,501 @@
+"""Decoder-only transformer language model (GPT-2 shape) with an explicit KV cache.
+
+Architecture (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners",
+GPT-2): learned token and absolute position embeddings, `num_layers` pre-LayerNorm blocks
+
+    h = x + Attention(LN_1(x)),    out = h + MLP(LN_2(h)),    MLP(z) = W_2 gelu_tanh(W_1 z + b_1) + b_2,
+
+a final LayerNorm, and logits = LN_f(h) E^T with the token embedding E (tied) or a separate
+projection. Every parameter carries logical axis names ('vocab', 'embed', 'mlp', 'heads', 'kv',
+'position') so that sharding is a table of rules from these names to mesh axes (bond/sharding.py).
+
+Token layout (one convention for the codebase): id 0 is the single BOS/EOS/PAD token; prompts are
+LEFT-padded; a token's position is `cumsum(mask) - 1` (clipped at 0), so padding never shifts a real
+token's position, and padded keys are masked out of attention.
+
+Decoding uses an explicit cache pytree (`KVCache`, one `LayerCache` per block) of fixed length S:
+a call with T new tokens writes their keys/values at cache slots [cache_index, cache_index + T) and
+lets the query in slot i attend to the keys in slots j <= i whose `key_mask` is 1. Without a cache,
+slots are the sequence indices 0..T-1 and the same rule is plain causal attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+# Keeps a fully masked attention row finite (uniform weights) instead of NaN; such rows only occur
+# for queries at padded positions, whose outputs are never read.
+_MASKED_SCORE = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Shape and numerics of a decoder-only transformer.
+
+    Attributes:
+      vocab_size: number of token ids (id 0 is BOS/EOS/PAD).
+      num_layers: number of transformer blocks.
+      d_model: width of the residual stream.
+      num_heads: attention heads; `d_model` must be divisible by it (head_dim = d_model / num_heads).
+      d_ff: hidden width of the MLP.
+      max_len: number of learned positions (longest sequence the model accepts).
+      activation: MLP nonlinearity, one of ACTIVATIONS ('gelu_tanh' = GPT-2's "gelu_new").
+      layer_norm_epsilon: LayerNorm epsilon.
+      tie_embeddings: logits use the transposed token embedding (GPT-2) instead of a separate matrix.
+      dtype: compute dtype of matmuls (softmax and log-softmax are always float32).
+      param_dtype: storage dtype of the parameters.
+    """
+
+    vocab_size: int
+    num_layers: int
+    d_model: int
+    num_heads: int
+    d_ff: int
+    max_len: int
+    activation: str = "gelu_tanh"
+    layer_norm_epsilon: float = 1e-5
+    tie_embeddings: bool = True
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "d_ff", "max_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}.")
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"TransformerConfig.d_model ({self.d_model}) must be divisible by num_heads "
+                f"({self.num_heads}); pick num_heads among the divisors of d_model."
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"TransformerConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}."
+            )
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(
+                f"TransformerConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}."
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+
+def config_from_gpt2(hf_config: dict, **overrides: Any) -> TransformerConfig:
+    """TransformerConfig from a HF GPT-2 style dict (n_layer, n_embd, n_head, n_inner, ...).
+
+    `n_inner=None` means 4 * n_embd, as in HF transformers' GPT2Config.
+    """
+    activations = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+    activation = hf_config.get("activation_function", "gelu_new")
+    if activation not in activations:
+        raise ValueError(
+            f"activation_function {activation!r} has no equivalent here; use one of {sorted(activations)}."
+        )
+    n_embd = hf_config["n_embd"]
+    fields = dict(
+        vocab_size=hf_config["vocab_size"],
+        num_layers=hf_config["n_layer"],
+        d_model=n_embd,
+        num_heads=hf_config["n_head"],
+        d_ff=hf_config.get("n_inner") or 4 * n_embd,
+        max_len=hf_config["n_positions"],
+        activation=activations[activation],
+        layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-5),
+        tie_embeddings=hf_config.get("tie_word_embeddings", True),
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+class LayerCache(NamedTuple):
+    """Keys and values of one attention layer, each [batch, num_heads, cache_len, head_dim]."""
+
+    keys: jax.Array
+    values: jax.Array
+
+
+KVCache = tuple[LayerCache, ...]
+
+
+def init_cache(config: TransformerConfig, batch_size: int, length: int) -> KVCache:
+    """An all-zero KV cache with `length` slots for `batch_size` sequences."""
+    if length > config.max_len:
+        raise ValueError(
+            f"cache length {length} exceeds TransformerConfig.max_len={config.max_len}; "
+            "shorten the prompt or the number of new tokens, or raise max_len."
+        )
+    shape = (batch_size, config.num_heads, length, config.head_dim)
+    return tuple(
+        LayerCache(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype))
+        for _ in range(config.num_layers)
+    )
+
+
+def positions_from_mask(mask: ArrayLike) -> jax.Array:
+    """Positions of a left-padded batch: cumsum(mask) - 1 along the last axis, clipped at 0."""
+    mask = jnp.asarray(mask).astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def _normal(stddev: float, names: tuple[str, ...]):
+    """N(0, stddev^2) initializer with logical axis names.
+
+    Draws a flat vector and reshapes it: XLA:CPU compiles a flat threefry draw several times
+    faster than one shaped like a multi-axis kernel, and initialisation is compiled once per run.
+    """
+
+    def init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:
+        return (stddev * jax.random.normal(key, (math.prod(shape),), dtype)).reshape(shape)
+
+    return nn.with_logical_partitioning(init, names)
+
+
+def _zeros(names: tuple[str, ...]):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _layer_norm(config: TransformerConfig, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_epsilon,
+        dtype=config.dtype,
+        param_dtype=config.param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        bias_init=_zeros(("embed",)),
+        name=name,
+    )
+
+
+# GPT-2 initialisation: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 L).
+_INIT_STD = 0.02
+
+
+def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x [..., n] @ kernel [n, m] as one 2-D matmul (XLA:CPU runs these fastest)."""
+    out = jnp.dot(x.reshape(-1, x.shape[-1]), kernel)
+    return out.reshape(x.shape[:-1] + kernel.shape[-1:])
+
+
+class HeadProjection(nn.Module):
+    """x [B, T, D] -> [B, H, T, head_dim]: a per-head linear map, kernel [D, H, head_dim] + bias.
+
+    Head-major output keeps the KV cache [B, H, S, head_dim] contiguous per head, so decoding
+    attends with batched matmuls and never transposes the cache.
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        shape = (c.d_model, c.num_heads, c.head_dim)
+        kernel = self.param("kernel", _normal(_INIT_STD, ("embed", "heads", "kv")), shape, c.param_dtype)
+        bias = self.param("bias", _zeros(("heads", "kv")), shape[1:], c.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=c.dtype)
+        out = _matmul(x, kernel.reshape(c.d_model, -1)) + bias.reshape(-1)
+        return out.reshape(x.shape[:2] + shape[1:]).transpose(0, 2, 1, 3)
+
+
+class HeadMerge(nn.Module):
+    """[B, H, T, head_dim] -> [B, T, D]: the attention output projection, kernel [H, head_dim, D] + bias."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        shape = (c.num_heads, c.head_dim, c.d_model)
+        init_std = _INIT_STD / math.sqrt(2 * c.num_layers)
+        kernel = self.param("kernel", _normal(init_std, ("heads", "kv", "embed")), shape, c.param_dtype)
+        bias = self.param("bias", _zeros(("embed",)), shape[2:], c.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=c.dtype)
+        batch, _, length, _ = x.shape
+        merged = x.transpose(0, 2, 1, 3).reshape(batch, length, -1)
+        return _matmul(merged, kernel.reshape(-1, c.d_model)) + bias
+
+
+class Attention(nn.Module):
+    """Multi-head causal self-attention over an optional KV cache."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        allowed: jax.Array,
+        layer_cache: LayerCache | None,
+        cache_index: jax.Array | int,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """x [B, T, D]; allowed [B, T, S] bool (query t may attend key slot s)."""
+        c = self.config
+        query = HeadProjection(c, name="query")(x) * c.head_dim**-0.5
+        key = HeadProjection(c, name="key")(x)
+        value = HeadProjection(c, name="value")(x)
+        if layer_cache is not None:
+            start = (0, 0, cache_index, 0)
+            key = jax.lax.dynamic_update_slice(layer_cache.keys, key.astype(layer_cache.keys.dtype), start)
+            value = jax.lax.dynamic_update_slice(layer_cache.values, value.astype(layer_cache.values.dtype), start)
+            layer_cache = LayerCache(key, value)
+        scores = jnp.einsum("bhtk,bhsk->bhts", query, key).astype(jnp.float32)
+        scores = jnp.where(allowed[:, None, :, :], scores, _MASKED_SCORE)
+        weights = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
+        mixed = jnp.einsum("bhts,bhsk->bhtk", weights, value)
+        return HeadMerge(c, name="out")(mixed), layer_cache
+
+
+class Mlp(nn.Module):
+    """Position-wise MLP: W_out act(W_in x + b_in) + b_out."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        h = nn.Dense(
+            c.d_ff,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            kernel_init=_normal(_INIT_STD, ("embed", "mlp")),
+            bias_init=_zeros(("mlp",)),
+            name="fc_in",
+        )(x)
+        h = ACTIVATIONS[c.activation](h)
+        return nn.Dense(
+            c.d_model,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            kernel_init=_normal(_INIT_STD / math.sqrt(2 * c.num_layers), ("mlp", "embed")),
+            bias_init=_zeros(("embed",)),
+            name="fc_out",
+        )(h)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + Attn(LN(x)), then + MLP(LN(.))."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, allowed, layer_cache, cache_index):
+        h, layer_cache = Attention(self.config, name="attn")(
+            _layer_norm(self.config, "ln_1")(x), allowed, layer_cache, cache_index
+        )
+        x = x + h
+        x = x + Mlp(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x))
+        return x, layer_cache
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer LM.
+
+    `__call__(tokens, positions, key_mask, cache=None, cache_index=0) -> (logits, cache)`:
+      tokens [B, T] int, positions [B, T] int, key_mask [B, S] (1 = a key slot that may be attended;
+      S = T without a cache, S = cache length with one), logits [B, T, V] float32.
+    `hidden_states(...)` is the same up to the final LayerNorm, returning [B, T, D].
+    """
+
+    config: TransformerConfig
+
+    def setup(self):
+        c = self.config
+        self.wte = nn.Embed(
+            c.vocab_size,
+            c.d_model,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            embedding_init=_normal(_INIT_STD, ("vocab", "embed")),
+        )
+        self.wpe = nn.Embed(
+            c.max_len,
+            c.d_model,
+            dtype=c.dtype,
+            param_dtype=c.param_dtype,
+            embedding_init=_normal(_INIT_STD / 2, ("position", "embed")),  # 0.01, as in GPT-2's code
+        )
+        self.blocks = [Block(c) for _ in range(c.num_layers)]
+        self.ln_f = _layer_norm(c, "ln_f")
+        if not c.tie_embeddings:
+            self.lm_head = nn.Dense(
+                c.vocab_size,
+                use_bias=False,
+                dtype=c.dtype,
+                param_dtype=c.param_dtype,
+                kernel_init=_normal(_INIT_STD, ("embed", "vocab")),
+            )
+
+    def hidden_states(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        key_mask: jax.Array,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Final-LayerNorm hidden states [B, T, D] and the updated cache."""
+        num_queries, num_keys = tokens.shape[1], key_mask.shape[1]
+        query_slots = cache_index + jnp.arange(num_queries)
+        causal = jnp.arange(num_keys)[None, :] <= query_slots[:, None]
+        allowed = causal[None, :, :] & (key_mask[:, None, :] > 0)
+        x = self.wte(tokens) + self.wpe(positions)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(x, allowed, None if cache is None else cache[i], cache_index)
+            new_cache.append(layer_cache)
+        return self.ln_f(x), (None if cache is None else tuple(new_cache))
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        key_mask: jax.Array,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, KVCache | None]:
+        hidden, cache = self.hidden_states(tokens, positions, key_mask, cache, cache_index)
+        if self.config.tie_embeddings:
+            out = self.wte.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32), cache
+
+
+def as_transformer(model: Transformer | TransformerConfig) -> Transformer:
+    """The Transformer module for `model` (a Transformer or a TransformerConfig)."""
+    if isinstance(model, Transformer):
+        return model
+    if isinstance(model, TransformerConfig):
+        return Transformer(model)
+    raise ValueError(f"model must be a Transformer or a TransformerConfig, got {type(model).__name__}.")
+
+
+def _init_variables(config: TransformerConfig, key: jax.Array):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Transformer(config).init(key, tokens, tokens, jnp.ones((1, 1), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def init_params(config: TransformerConfig, key: jax.Array) -> dict:
+    """Randomly initialised parameters (GPT-2 init) as a plain nested dict of arrays."""
+    return nn.unbox(_init_variables(config, key)["params"])
+
+
+def param_logical_axes(config: TransformerConfig) -> dict:
+    """Same tree as `init_params(config, key)`; leaves are PartitionSpecs of logical axis names."""
+    boxed = jax.eval_shape(lambda key: _init_variables(config, key), jax.random.key(0))
+    return nn.get_partition_spec(boxed)["params"]
+
+
+def count_params(params) -> int:
+    """Total number of scalars in a parameter pytree (a tied embedding counts once)."""
+    return sum(int(math.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def _check_tokens(tokens: jax.Array, config: TransformerConfig, name: str = "tokens") -> None:
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must have shape [batch, length], got shape {tokens.shape}.")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {tokens.dtype}.")
+    if tokens.shape[1] > config.max_len:
+        raise ValueError(
+            f"{name} has length {tokens.shape[1]} > TransformerConfig.max_len={config.max_len}; "
+            "truncate the sequences or raise max_len."
+        )
+
+
+def _check_mask(mask: jax.Array, tokens: jax.Array, name: str) -> None:
+    if mask.shape != tokens.shape:
+        raise ValueError(f"{name} must have the shape of tokens {tokens.shape}, got {mask.shape}.")
+
+
+def logits(
+    model: Transformer | TransformerConfig,
+    params,
+    tokens: ArrayLike,
+    attention_mask: ArrayLike | None = None,
+) -> jax.Array:
+    """Next-token logits [B, T, V] (float32) of a full forward pass.
+
+    logits[b, t] parametrises p(token at t + 1 | tokens[b, :t + 1]). `attention_mask` [B, T]
+    (1 = real token, default all ones) masks padded keys and sets positions = cumsum(mask) - 1.
+    """
+    config = as_transformer(model).config
+    tokens = jnp.asarray(tokens)
+    _check_tokens(tokens, config)
+    mask = jnp.ones(tokens.shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask)
+    _check_mask(mask, tokens, "attention_mask")
+    return _logits_jit(config, params, tokens, mask)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _logits_jit(config: TransformerConfig, params, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    out, _ = Transformer(config).apply({"params": params}, tokens, positions_from_mask(mask), mask)
+    return out
+
+
+def sequence_logprobs(
+    params,
+    tokens: ArrayLike,
+    response_mask: ArrayLike,
+    *,
+    model: Transformer | TransformerConfig,
+    attention_mask: ArrayLike | None = None,
+    temperature: ArrayLike = 1.0,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token and per-sequence log-likelihoods of `tokens` under the model at `temperature`.
+
+    token_logprobs[..., t] = log softmax(logits[..., t - 1] / temperature)[tokens[..., t]]
+    * response_mask[..., t] (0 at t = 0 and wherever the mask is 0); seq_logprob = sum_t.
+
+    Args:
+      params: the model's parameters.
+      tokens: [..., T] int token ids (prompt followed by response); leading axes are flattened.
+      response_mask: [..., T], 1 on the tokens whose log-probability counts.
+      model: a Transformer or TransformerConfig.
+      attention_mask: [..., T], 1 on real tokens (default: all ones).
+      temperature: positive scalar dividing the logits.
+
+    Returns:
+      (token_logprobs [..., T] float32, seq_logprob [...] float32).
+    """
+    config = as_transformer(model).config
+    tokens = jnp.asarray(tokens)
+    response_mask = jnp.asarray(response_mask)
+    if tokens.ndim < 1 or response_mask.shape != tokens.shape:
+        raise ValueError(
+            f"response_mask must have the shape of tokens {tokens.shape}, got {response_mask.shape}."
+        )
+    mask = jnp.ones(tokens.shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask)
+    if mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask must have the shape of tokens {tokens.shape}, got {mask.shape}.")
+    flat_tokens = tokens.reshape(-1, tokens.shape[-1])
+    _check_tokens(flat_tokens, config)
+    token_logprobs = _token_logprobs_jit(
+        config, params, flat_tokens, mask.reshape(flat_tokens.shape), response_mask.reshape(flat_tokens.shape),
+        jnp.asarray(temperature, jnp.float32),
+    ).reshape(tokens.shape)
+    return token_logprobs, token_logprobs.sum(axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _token_logprobs_jit(config, params, tokens, mask, response_mask, temperature) -> jax.Array:
+    scaled = _logits_jit(config, params, tokens, mask)[:, :-1] / temperature
+    picked = jnp.take_along_axis(scaled, tokens[:, 1:, None], axis=-1)[..., 0]
+    next_logprobs = picked - jax.nn.logsumexp(scaled, axis=-1)
+    token_logprobs = jnp.pad(next_logprobs, ((0, 0), (1, 0)))
+    return jnp.where(response_mask > 0, token_logprobs, 0.0)
