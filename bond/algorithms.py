@@ -149,38 +149,35 @@ def _count(algo, field: str) -> int:
     return int(round(float(algo[field])))
 
 
-def _bond_plan(algo) -> SamplingPlan:
-    return SamplingPlan(policy=algo.num_samples, reference=max(algo.num_ref_samples, _count(algo, "n")))
+def _bond_plan(target: str) -> Callable[[ml_collections.ConfigDict], SamplingPlan]:
+    """Policy samples, and max(k, N) samples of `target` ('reference' or 'anchor') for quantiles and BoN."""
+
+    def plan(algo) -> SamplingPlan:
+        return SamplingPlan(policy=algo.num_samples, **{target: max(algo.num_ref_samples, _count(algo, "n"))})
+
+    return plan
 
 
-def _bond_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
-    """BOND (Jeffreys): quantiles and the best-of-N sample from reference samples."""
-    bon_sample = best_of(inputs.reference, _count(inputs.algo, "n"), inputs.key)
-    return losses.jeffreys_bond(
-        inputs.policy_logp(inputs.policy),
-        inputs.policy.ref_logp,
-        log_quantiles(inputs.policy, inputs.reference),
-        inputs.policy_logp(bon_sample)[:, 0],
-        n=inputs.hp["n"],
-        beta=inputs.hp["beta"],
-    )
+def _bond_loss(target: str) -> LossFn:
+    """Jeffreys BOND towards Best-of-N of `target`: the fixed reference (BOND §4) or, for
+    iterative BOND (§5), the moving anchor, which then also takes the reference's place in the
+    backward KL. Quantiles come from the target's samples; the forward term's best-of-N sample
+    is the best of the first N of them."""
 
+    def loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
+        samples = getattr(inputs, target)
+        target_logp = inputs.policy.ref_logp if target == "reference" else inputs.policy.anchor_logp
+        bon_sample = best_of(samples, _count(inputs.algo, "n"), inputs.key)
+        return losses.jeffreys_bond(
+            inputs.policy_logp(inputs.policy),
+            target_logp,
+            log_quantiles(inputs.policy, samples),
+            inputs.policy_logp(bon_sample)[:, 0],
+            n=inputs.hp["n"],
+            beta=inputs.hp["beta"],
+        )
 
-def _iterative_bond_plan(algo) -> SamplingPlan:
-    return SamplingPlan(policy=algo.num_samples, anchor=max(algo.num_ref_samples, _count(algo, "n")))
-
-
-def _iterative_bond_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
-    """Iterative BOND (BOND §5): BOND of Best-of-n of the anchor, the anchor in the reference's place."""
-    bon_sample = best_of(inputs.anchor, _count(inputs.algo, "n"), inputs.key)
-    return losses.jeffreys_bond(
-        inputs.policy_logp(inputs.policy),
-        inputs.policy.anchor_logp,
-        log_quantiles(inputs.policy, inputs.anchor),
-        inputs.policy_logp(bon_sample)[:, 0],
-        n=inputs.hp["n"],
-        beta=inputs.hp["beta"],
-    )
+    return loss
 
 
 def _j_bond_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
@@ -295,8 +292,12 @@ def _need_pairs(algo) -> None:
 
 BOND = "arXiv 2407.14622 (Sessa et al. 2024)"
 
-register(Algorithm("bond", plan=_bond_plan, loss=_bond_loss, paper=BOND + ", §4"))
-register(Algorithm("iterative_bond", plan=_iterative_bond_plan, loss=_iterative_bond_loss, anchor="hard", paper=BOND + ", §5"))
+register(Algorithm("bond", plan=_bond_plan("reference"), loss=_bond_loss("reference"), paper=BOND + ", §4"))
+register(
+    Algorithm(
+        "iterative_bond", plan=_bond_plan("anchor"), loss=_bond_loss("anchor"), anchor="hard", paper=BOND + ", §5"
+    )
+)
 register(
     Algorithm(
         "j_bond", plan=lambda algo: SamplingPlan(policy=algo.num_samples, anchor=2), loss=_j_bond_loss,

@@ -94,23 +94,45 @@ def cli_args(workdir, cache_dir, steps=30):
     ]
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(cache_dir, tmp_path):
-    """SIGKILL a run mid-way (any moment after its first checkpoint, a save may be under way),
-    rerun the same command: the metrics equal an uninterrupted run's exactly."""
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    assert run_cli(cli_args(full, cache_dir), cache_dir).wait(timeout=600) == 0
-    proc = run_cli(cli_args(killed, cache_dir), cache_dir)
+@pytest.fixture(scope="module")
+def uninterrupted_run(cache_dir, tmp_path_factory):
+    """The reference run of the interruption tests: the same command, never stopped."""
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    assert run_cli(cli_args(workdir, cache_dir), cache_dir).wait(timeout=600) == 0
+    return read_metrics(workdir / "metrics.jsonl")
+
+
+def start_and_stop(workdir, cache_dir, sig, after_step):
+    """Starts the run, sends `sig` once metrics of `after_step` are written; returns the exit code."""
+    proc = run_cli(cli_args(workdir, cache_dir), cache_dir)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        rows = read_metrics(killed / "metrics.jsonl") if (killed / "metrics.jsonl").exists() else []
-        if any(r["step"] >= 17 for r in rows):
+        rows = read_metrics(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else []
+        if any(r["step"] >= after_step for r in rows):
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert run_cli(cli_args(killed, cache_dir), cache_dir).wait(timeout=600) == 0
-    assert read_metrics(killed / "metrics.jsonl") == read_metrics(full / "metrics.jsonl")
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(sig)
+    return proc.wait(timeout=600)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(cache_dir, tmp_path, uninterrupted_run):
+    """SIGKILL a run mid-way (any moment after its first checkpoint, a save may be under way),
+    rerun the same command: the metrics equal an uninterrupted run's exactly."""
+    assert start_and_stop(tmp_path, cache_dir, signal.SIGKILL, after_step=17) == -signal.SIGKILL
+    assert run_cli(cli_args(tmp_path, cache_dir), cache_dir).wait(timeout=600) == 0
+    assert read_metrics(tmp_path / "metrics.jsonl") == uninterrupted_run
+
+
+def test_sigterm_saves_then_exits_and_resumes(cache_dir, tmp_path, uninterrupted_run):
+    """SIGTERM: the run saves the step it completed (not only every-5 checkpoints), exits 0, and
+    the rerun continues from there to the uninterrupted run's exact metrics."""
+    assert start_and_stop(tmp_path, cache_dir, signal.SIGTERM, after_step=7) == 0
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
+    last_logged = max(r["step"] for r in read_metrics(tmp_path / "metrics.jsonl"))
+    assert saved[-1] == last_logged and 7 <= last_logged < 30
+    assert run_cli(cli_args(tmp_path, cache_dir), cache_dir).wait(timeout=600) == 0
+    assert read_metrics(tmp_path / "metrics.jsonl") == uninterrupted_run
 
 
 def test_sharded_run_equals_single_device_run(cache_dir, tmp_path):
