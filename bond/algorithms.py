@@ -63,11 +63,18 @@ class LossInputs(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class SamplingPlan:
-    """Samples per prompt to draw from the policy, the anchor and the reference at each step."""
+    """Samples per prompt to draw from the policy, the anchor and the reference at each step.
+
+    The reference never changes, so its samples, rewards and log-probs can be drawn once per
+    train prompt and reused whenever the prompt comes round again: `cache_reference` says the
+    loss allows that (it only needs *some* fixed set of reference samples per prompt, e.g. for
+    quantiles and best-of-N), and config.cache_reference_samples turns it on.
+    """
 
     policy: int = 0
     anchor: int = 0
     reference: int = 0
+    cache_reference: bool = True
 
 
 LossFn = Callable[[LossInputs], tuple[jax.Array, dict[str, jax.Array]]]

@@ -43,6 +43,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.temperature = 1.0
     c.top_k = 0
     c.top_p = 1.0
+    # Draw the reference samples an algorithm needs once per train prompt, reuse them every epoch.
+    c.cache_reference_samples = True
 
     # Algorithm hyperparameters (each algorithm reads the ones it needs; see bond/algorithms.py).
     c.algo = ml_collections.ConfigDict(

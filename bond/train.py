@@ -198,12 +198,14 @@ def _sample_metrics(name: str, samples: Optional[Samples]) -> dict[str, jax.Arra
 
 
 def make_train_step(setup: Setup) -> Callable:
-    """The jitted step (state, ref_params, prompts, prompt_mask, hp, seed_key) → (state, metrics)."""
+    """The jitted step (state, ref_params, prompts, prompt_mask, prompt_rows, hp, seed_key, ref_cache)
+    → (state, metrics). prompt_rows [B] are the prompts' rows in the train set; ref_cache is
+    `build_reference_cache`'s output or None."""
     plan, algorithm, model = setup.plan, setup.algorithm, setup.model
     optimizer = make_optimizer(setup.config)
     period = int(setup.config.anchor.period)
 
-    def step(state: TrainState, ref_params, prompts, prompt_mask, hp, seed_key):
+    def step(state: TrainState, ref_params, prompts, prompt_mask, prompt_rows, hp, seed_key, ref_cache):
         key = jax.random.fold_in(seed_key, state.step)
         k_policy, k_anchor, k_ref, k_loss = jax.random.split(key, 4)
         logp_params = {"reference": ref_params, "anchor": state.anchor_params}
@@ -213,7 +215,10 @@ def make_train_step(setup: Setup) -> Callable:
 
         policy = draw(state.params, k_policy, plan.policy, "policy")
         anchor = draw(state.anchor_params, k_anchor, plan.anchor, "anchor")
-        reference = draw(ref_params, k_ref, plan.reference, "reference")
+        if ref_cache is not None:  # this batch's rows of the per-prompt reference samples
+            reference = jax.tree.map(lambda x: x[prompt_rows], ref_cache)
+        else:
+            reference = draw(ref_params, k_ref, plan.reference, "reference")
         inputs = LossInputs(None, policy, anchor, reference, hp, setup.config.algo, k_loss)
 
         def loss_fn(params):
@@ -250,10 +255,28 @@ def compile_train_step(setup: Setup, state: TrainState, ref_params) -> Callable:
     rep = sharding.replicated(mesh)
     return sharding.jit_sharded(
         make_train_step(setup),
-        in_shardings=(state_sh, params_sh, batch_sh, batch_sh, rep, rep),
+        in_shardings=(state_sh, params_sh, batch_sh, batch_sh, batch_sh, rep, rep, rep),
         out_shardings=(state_sh, rep),
         donate_argnums=(0,),
     )
+
+
+def build_reference_cache(setup: Setup, ref_params, prompt_source, key: jax.Array, chunk: int = 512) -> Samples:
+    """plan.reference samples of π_ref for every train prompt, scored: Samples with [N, k, ...] leaves.
+
+    Drawn once, deterministically from `key` (so a resumed run rebuilds the same cache), in
+    chunks of `chunk` prompts through the same compiled sampler the step uses.
+    """
+    num = len(prompt_source)
+    parts = []
+    for start in range(0, num, chunk):
+        size = min(chunk, num - start)
+        batch = read_prompt_batch(prompt_source, start, size)
+        parts.append(
+            _draw(setup, ref_params, jnp.asarray(batch.tokens), jnp.asarray(batch.mask), jax.random.fold_in(key, start),
+                  setup.plan.reference, {"reference": ref_params}, "reference")
+        )
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,6 +391,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
     hp = hparams(c)
     train_step = compile_train_step(setup, state, ref_params)
     prompt_source = load_prompts(c.task, "train", stages.cache_root(c.cache_dir) / "tfds")
+    ref_cache = None
+    if setup.plan.reference and setup.plan.cache_reference and c.cache_reference_samples:
+        ref_cache = build_reference_cache(setup, ref_params, prompt_source, jax.random.fold_in(seed_key, 2**30 + 1))
     evaluator = Evaluator(setup, ref_params, jax.random.fold_in(seed_key, 2**30))
     stop = install_sigterm_handler()
     progress = Progress(c.steps)
@@ -388,7 +414,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
                 log(f"Stopped by SIGTERM after step {step}; saved a checkpoint.")
                 return {"stopped_at": step}
             batch = read_prompt_batch(prompt_source, step * c.batch_size, c.batch_size)
-            state, metrics = train_step(state, ref_params, batch.tokens, batch.mask, hp, seed_key)
+            rows = (step * c.batch_size + np.arange(c.batch_size)) % len(prompt_source)
+            state, metrics = train_step(state, ref_params, batch.tokens, batch.mask, rows, hp, seed_key, ref_cache)
             step += 1
             if step % c.log_every == 0 or step == c.steps:
                 host = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}

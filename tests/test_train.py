@@ -206,3 +206,23 @@ def test_readme_new_loss_example_trains(cache_dir, tmp_path, monkeypatch):
     __import__("my_losses")
     summary = train.run(tiny("j_bond", cache_dir, algorithm="hinge_j_bond", steps=10), tmp_path / "run", log=lambda _: None)
     assert np.isfinite(summary["after"]["eval/reward"])
+
+
+def test_reference_cache_holds_each_train_prompts_own_samples(cache_dir):
+    """One row per train prompt, whose samples continue that prompt; rebuilt identically from the key."""
+    from bond import stages
+    from bond.tasks.prompts import load_prompts, read_prompt_batch
+
+    setup, ref_params = train.make_setup(tiny("bond", cache_dir), log=lambda _: None)
+    source = load_prompts(setup.config.task, "train", stages.cache_root(cache_dir) / "tfds")
+    key = jax.random.PRNGKey(3)
+    cache = train.build_reference_cache(setup, ref_params, source, key, chunk=1000)
+    prompts = read_prompt_batch(source, 0, len(source)).tokens
+    k = setup.plan.reference
+    assert cache.tokens.shape[:2] == (len(source), k)
+    np.testing.assert_array_equal(cache.tokens[:, :, : prompts.shape[1]], np.repeat(prompts[:, None], k, axis=1))
+    rewards = setup.task.reward(cache.tokens.reshape(-1, cache.tokens.shape[-1]),
+                                cache.response_mask.reshape(-1, cache.tokens.shape[-1]))
+    np.testing.assert_allclose(cache.rewards.reshape(-1), rewards, rtol=1e-6)
+    again = train.build_reference_cache(setup, ref_params, source, key, chunk=1000)
+    np.testing.assert_array_equal(again.tokens, cache.tokens)
