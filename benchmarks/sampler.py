@@ -10,15 +10,25 @@ step), temperature 1. Timing: 1 warm-up call, then the median of 5 timed calls, 
                                               # (needs the 'bench' extra: torch + transformers)
 
 Prints one JSON line: workload, tokens_per_s, compile_s (and hf_tokens_per_s, ratio with --compare).
+call_s / cpu_s are the median wall and process-CPU seconds of one call: on a shared machine
+cpu_s / call_s is the number of cores the call actually got (2 at best here), so runs made under
+load (see load_average_1m) are told apart from slow code. `--op-profile K` also prints to stderr the
+K most expensive XLA ops of one call (25th-percentile duration of each op over 3 profiled calls,
+times its count per call: robust to the preemptions of a shared machine).
 The workload file is found at <checkout>/../shared/bench/workload.py unless --workload is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
 import importlib.util
+import itertools
 import json
 import os
+import tempfile
 import statistics
 import sys
 import time
@@ -45,20 +55,50 @@ def load_workload(path: Path) -> ModuleType:
     return module
 
 
-def median_time(call, warmup: int, timed: int) -> tuple[float, list[float]]:
-    """Median wall time of `timed` calls after `warmup` calls."""
+def median_time(call, warmup: int, timed: int) -> tuple[float, list[float], float]:
+    """Median wall time of `timed` calls after `warmup` calls, the wall times, and the median process CPU time."""
     for _ in range(warmup):
         call()
-    times = []
+    times, cpu_times = [], []
     for _ in range(timed):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         call()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+        cpu_times.append(time.process_time() - cpu_start)
+    return statistics.median(times), times, statistics.median(cpu_times)
 
 
-def time_bond(workload: dict, prompts: np.ndarray) -> dict:
-    """Compile time and median throughput of bond.sampling.sample on the workload."""
+def op_profile(call, calls: int = 3) -> list[tuple[str, float, float]]:
+    """(XLA op name, seconds per call, count per call) of every op run by `call`, most expensive first.
+
+    Seconds per call = 25th-percentile duration of the op over `calls` profiled calls times its
+    count per call: a low percentile discards the calls in which the thread was preempted.
+    """
+    call()
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            for _ in range(calls):
+                call()
+        (trace_file,) = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)
+        with gzip.open(trace_file) as f:
+            events = json.load(f)["traceEvents"]
+    durations = collections.defaultdict(list)
+    for event in events:
+        if event.get("ph") == "X" and "hlo_op" in event.get("args", {}) and not event["name"].startswith("end:"):
+            durations[event["name"]].append(event["dur"] * 1e-6)
+    rows = []
+    for name, values in durations.items():
+        values.sort()
+        count = len(values) / calls
+        rows.append((name, values[len(values) // 4] * count, count))
+    return sorted(rows, key=lambda row: -row[1])
+
+
+def time_bond(workload: dict, prompts: np.ndarray, profile_ops: int = 0) -> dict:
+    """Compile time and median throughput of bond.sampling.sample on the workload.
+
+    With profile_ops > 0, also prints the `profile_ops` most expensive XLA ops of a call to stderr.
+    """
     if workload["dtype"] != "float32":
         raise SystemExit(f"this benchmark runs float32 only, workload asks for {workload['dtype']}")
     sampling, timing = workload["sampling"], workload["timing"]
@@ -75,7 +115,9 @@ def time_bond(workload: dict, prompts: np.ndarray) -> dict:
         top_p=sampling["top_p"],
         eos_id=workload["model"]["eos_token_id"],
     )
-    keys = iter(jax.random.split(jax.random.key(1), 1 + timing["generate_warmup_calls"] + timing["generate_timed_calls"]))
+    keys = itertools.cycle(
+        jax.random.split(jax.random.key(1), 1 + timing["generate_warmup_calls"] + timing["generate_timed_calls"])
+    )
 
     start = time.perf_counter()
     out = sample(config, params, prompts, prompt_mask, next(keys), **options)
@@ -89,9 +131,12 @@ def time_bond(workload: dict, prompts: np.ndarray) -> dict:
     def call():
         jax.block_until_ready(sample(config, params, prompts, prompt_mask, next(keys), **options))
 
-    seconds, times = median_time(call, timing["generate_warmup_calls"], timing["generate_timed_calls"])
+    seconds, times, cpu_seconds = median_time(call, timing["generate_warmup_calls"], timing["generate_timed_calls"])
+    if profile_ops > 0:
+        for name, op_seconds, count in op_profile(call)[:profile_ops]:
+            print(f"{op_seconds * 1e3:9.2f} ms/call {count:5.0f}x  {name}", file=sys.stderr)
     return {"tokens_per_s": new_tokens / seconds, "compile_s": compile_s, "call_s": seconds,
-            "call_times_s": times}
+            "call_times_s": times, "cpu_s": cpu_seconds}
 
 
 def time_hf(workload: dict, prompts: np.ndarray, torch_threads: int | None = None) -> dict:
@@ -149,9 +194,10 @@ def time_hf(workload: dict, prompts: np.ndarray, torch_threads: int | None = Non
         if out.shape != (input_ids.shape[0], input_ids.shape[1] + sampling["max_new_tokens"]):
             raise SystemExit(f"HF generate returned shape {tuple(out.shape)}")
 
-    seconds, times = median_time(call, timing["generate_warmup_calls"], timing["generate_timed_calls"])
+    seconds, times, cpu_seconds = median_time(call, timing["generate_warmup_calls"], timing["generate_timed_calls"])
     new_tokens = input_ids.shape[0] * sampling["max_new_tokens"]
     return {"hf_tokens_per_s": new_tokens / seconds, "hf_call_s": seconds, "hf_call_times_s": times,
+            "hf_cpu_s": cpu_seconds,
             "torch_threads": torch_threads, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
@@ -161,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compare", action="store_true", help="also time HF transformers generate")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch threads for --compare (default: the workload's cpu_threads)")
+    parser.add_argument("--op-profile", type=int, default=0, metavar="K",
+                        help="also print the K most expensive XLA ops of one sampler call to stderr")
     args = parser.parse_args(argv)
 
     bench = load_workload(args.workload)
@@ -168,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     prompts = bench.make_prompts(workload)
     result = {"workload": workload["name"], "backend": jax.default_backend(),
               "load_average_1m": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count()}
-    result.update(time_bond(workload, prompts))
+    result.update(time_bond(workload, prompts, args.op_profile))
     if args.compare:
         try:
             hf = time_hf(workload, prompts, args.torch_threads)
