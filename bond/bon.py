@@ -129,8 +129,10 @@ def empirical_quantile(
             f"{ref_rewards.shape} differ; both must be [..., samples] for the same prompts."
         )
     w = jnp.ones_like(ref_rewards, jnp.float32) if ref_weights is None else jnp.asarray(ref_weights)
-    below = (ref_rewards[..., None, :] <= rewards[..., :, None]).astype(w.dtype)
-    return jnp.sum(below * w[..., None, :], axis=-1) / jnp.sum(w, axis=-1, keepdims=True)
+    below = ref_rewards[..., None, :] <= rewards[..., :, None]
+    # A `where`, not below.astype(float) * w: XLA:CPU (jax 0.10.2) miscompiles that product-sum
+    # under jit(vmap(...)) at a few thousand rows (tests/test_bon.py has the case).
+    return jnp.sum(jnp.where(below, w[..., None, :], 0.0), axis=-1) / jnp.sum(w, axis=-1, keepdims=True)
 
 
 def smoothed_log_quantile(

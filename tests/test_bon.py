@@ -156,6 +156,24 @@ def test_empirical_quantile_and_its_expectation():
     np.testing.assert_allclose(masked, [[0.0, 2 / 3, 2 / 3]], rtol=1e-6)
 
 
+def test_empirical_quantile_jitted_and_vmapped_at_scale():
+    """Regression: jit(vmap) over the number of reference samples kept, with 2,500 prompts, equals
+    numpy (a product-sum form of this function is miscompiled by XLA:CPU at this size)."""
+    rng = np.random.default_rng(10)
+    ref = rng.standard_normal((2500, 256)).astype(np.float32)
+    rewards = np.tile(np.array([-1.6, 0.0, 1.3, 0.5], np.float32), (2500, 1))
+    ks = np.array([2, 4, 8, 16, 32, 64, 128, 256])
+
+    def with_k(k):
+        weights = jnp.broadcast_to(jnp.arange(256) < k, ref.shape).astype(jnp.float32)
+        return bon.empirical_quantile(rewards, ref, ref_weights=weights)
+
+    got = np.asarray(jax.jit(jax.vmap(with_k))(jnp.asarray(ks)))
+    for i, k in enumerate(ks):
+        expected = (ref[:, None, :k] <= rewards[:, :, None]).mean(axis=-1)
+        np.testing.assert_allclose(got[i], expected, atol=1e-6)
+
+
 def test_empirical_quantile_is_unbiased_monte_carlo():
     """E[p̂_le] = p_le: 4000 prompts' worth of k = 16 reference samples, tolerance 5 standard errors."""
     rng = np.random.default_rng(7)
