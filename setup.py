@@ -22,6 +22,10 @@ TEST = [
     "pytest>=8",
     "hypothesis>=6.100",
     "scipy>=1.12",
+    # the notebooks run in the tests
+    "nbformat>=5.9",
+    "nbclient>=0.10",
+    "ipykernel>=6.29",
 ]
 
 # Optional: the comparison runs of the benchmarks (HF generate, TRL) on CPU.
