@@ -109,12 +109,14 @@ def register(algorithm: Algorithm) -> Algorithm:
 
 
 def get_algorithm(name: str) -> Algorithm:
+    """The registered algorithm called `name`; a ValueError lists the registered names otherwise."""
     if name not in _REGISTRY:
         raise ValueError(f"config.algorithm={name!r} is not registered; choose one of {sorted(_REGISTRY)}.")
     return _REGISTRY[name]
 
 
 def names() -> list[str]:
+    """The registered algorithm names, sorted."""
     return sorted(_REGISTRY)
 
 

@@ -14,6 +14,7 @@ import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
+    """Every field of a run with its default: J-BOND on the toy language (see the comments per field)."""
     c = ml_collections.ConfigDict()
     c.algorithm = "j_bond"
     c.task = "toy_language"

@@ -38,6 +38,7 @@ def bon_table(ref_probs: jax.Array, rewards: jax.Array, ns=NS) -> list[dict[str,
 
 
 def main(argv=None) -> None:
+    """Prints the best-of-N table for a random reference over `--support` responses."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--support", type=int, default=10_000, help="number of responses in the finite support")
     parser.add_argument("--seed", type=int, default=0)

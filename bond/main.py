@@ -32,6 +32,7 @@ flags.DEFINE_list("imports", [], "Modules to import first, e.g. ones that regist
 
 
 def default_workdir(algorithm: str) -> Path:
+    """A fresh run folder runs/<algorithm>-<date>-<time>."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{algorithm}-{stamp}"
 
@@ -48,6 +49,7 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv) -> None:
+    """Runs the config given by the flags into the workdir and prints the summary."""
     del argv
     from bond import train  # imported here so that --help stays fast
 

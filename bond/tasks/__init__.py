@@ -100,11 +100,13 @@ def get_task(name: str) -> Task:
 
 
 def check_split(split: str) -> None:
+    """Raises a ValueError unless `split` is one of SPLITS."""
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not a prompt split; use one of {SPLITS}.")
 
 
 def check_count(num: int, name: str = "num") -> None:
+    """Raises a ValueError naming `name` unless `num` is a non-negative integer."""
     if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 0:
         raise ValueError(f"{name}={num!r} must be a non-negative integer.")
 
