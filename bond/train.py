@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -100,8 +98,10 @@ def make_setup(config: ml_collections.ConfigDict, log: Callable[[str], None] = p
     if config.reward_model.use_proxy:
         rm_model, rm_params = stages.proxy_reward_model(config, task, synthetic_language.preference_corpus, log)
 
-        def reward_fn(tokens, attention_mask, response_mask):
+        def proxy_reward(tokens, attention_mask, response_mask):
             return reward_model_scores(rm_params, tokens, attention_mask, model=rm_model)
+
+        reward_fn = proxy_reward
 
     mesh = sharding.make_mesh(config.mesh_shape, devices=jax.devices()[: config.num_devices or None])
     sharding.check_batch_divides(config.batch_size, mesh, field="config.batch_size")
@@ -261,6 +261,21 @@ def compile_train_step(setup: Setup, state: TrainState, ref_params) -> Callable:
     )
 
 
+def eval_key(seed: int) -> jax.Array:
+    """The key of a run's sampled evaluation (the same at every evaluation, so curves compare like with like)."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), 2**30)
+
+
+def reference_cache_key(seed: int) -> jax.Array:
+    """The key the reference-sample cache is drawn with."""
+    return jax.random.fold_in(jax.random.PRNGKey(seed), 2**30 + 1)
+
+
+def uses_reference_cache(setup: Setup) -> bool:
+    """Whether the run draws its reference samples once per train prompt (see SamplingPlan)."""
+    return bool(setup.plan.reference and setup.plan.cache_reference and setup.config.cache_reference_samples)
+
+
 def build_reference_cache(setup: Setup, ref_params, prompt_source, key: jax.Array, chunk: int = 512) -> Samples:
     """plan.reference samples of π_ref for every train prompt, scored: Samples with [N, k, ...] leaves.
 
@@ -392,9 +407,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
     train_step = compile_train_step(setup, state, ref_params)
     prompt_source = load_prompts(c.task, "train", stages.cache_root(c.cache_dir) / "tfds")
     ref_cache = None
-    if setup.plan.reference and setup.plan.cache_reference and c.cache_reference_samples:
-        ref_cache = build_reference_cache(setup, ref_params, prompt_source, jax.random.fold_in(seed_key, 2**30 + 1))
-    evaluator = Evaluator(setup, ref_params, jax.random.fold_in(seed_key, 2**30))
+    if uses_reference_cache(setup):
+        ref_cache = build_reference_cache(setup, ref_params, prompt_source, reference_cache_key(c.seed))
+    evaluator = Evaluator(setup, ref_params, eval_key(c.seed))
     stop = install_sigterm_handler()
     progress = Progress(c.steps)
 
@@ -403,7 +418,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
         writer.write(step, metrics)
         return metrics
 
-    before = evaluate(0) if start == 0 else None
+    if start == 0:
+        evaluate(0)
     last_saved = start if start else None
     step = start
     try:
@@ -434,11 +450,19 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
         writer.close()
         stop.close()
 
-    after = {k: v for k, v in _last_eval(workdir).items()}
-    summary = {"steps": c.steps, "algorithm": c.algorithm, "task": c.task, "before": before or _first_eval(workdir),
-               "after": after}
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
-    if c.plots:
+    return finish_run(workdir, c)
+
+
+def finish_run(workdir: Path, config) -> dict:
+    """Writes summary.json (the first and last evaluation, read from metrics.jsonl) and the plots; returns the summary."""
+    evals = [r for r in read_metrics(Path(workdir) / "metrics.jsonl") if any(k.startswith("eval/") for k in r)]
+    pick = lambda row: {k: v for k, v in row.items() if k.startswith("eval/")}
+    summary = {
+        "steps": config.steps, "algorithm": config.algorithm, "task": config.task,
+        "before": pick(evals[0]) if evals else {}, "after": pick(evals[-1]) if evals else {},
+    }
+    (Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=1))
+    if config.plots:
         plot_run(workdir)
     return summary
 
@@ -450,15 +474,3 @@ def _stop_if_nonfinite(state: TrainState, last_saved: Optional[int]) -> None:
         check_finite(bad + 1, {"loss": float("nan")}, last_saved)
 
 
-def _evals(workdir: Path) -> list[dict]:
-    return [r for r in read_metrics(workdir / "metrics.jsonl") if any(k.startswith("eval/") for k in r)]
-
-
-def _first_eval(workdir: Path) -> dict:
-    rows = _evals(workdir)
-    return {k: v for k, v in rows[0].items() if k.startswith("eval/")} if rows else {}
-
-
-def _last_eval(workdir: Path) -> dict:
-    rows = _evals(workdir)
-    return {k: v for k, v in rows[-1].items() if k.startswith("eval/")} if rows else {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 Z_SCORE = 5.0

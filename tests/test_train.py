@@ -4,7 +4,6 @@ Runs use a tiny budget (a one-layer model, 20 steps, exact evaluation on two pro
 reference pretrained once per session into a shared cache.
 """
 
-import json
 import os
 import signal
 import subprocess
