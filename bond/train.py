@@ -355,11 +355,11 @@ class Evaluator:
     def _sampled(self, params) -> dict[str, float]:
         c = self.setup.config
         k_policy, k_ref = jax.random.split(self.key)
-        empty = {}
+        logp_params = {"reference": self.ref_params}
         policy = _draw(self.setup, params, self.prompts, self.prompt_mask, k_policy, c.eval.num_samples,
-                       {"reference": self.ref_params}, "policy")
+                       logp_params, "policy")
         ref = _draw(self.setup, self.ref_params, self.prompts, self.prompt_mask, k_ref, c.eval.num_samples,
-                    empty, "reference")
+                    logp_params, "reference")
         gold = lambda s: self.setup.eval_reward_fn(
             s.tokens.reshape(-1, s.tokens.shape[-1]), s.attention_mask.reshape(-1, s.tokens.shape[-1]),
             s.response_mask.reshape(-1, s.tokens.shape[-1]),
