@@ -1,5 +1,12 @@
-"""Language models: a decoder-only transformer (KV cache, logical axis names) and reward models."""
+"""Language models: a decoder-only transformer (GPT-2 and the Llama/Gemma family; KV cache, logical axis
+names), reward models, and HF-format checkpoints."""
 
+from bond.models.pretrained import (
+    load_pretrained,
+    load_reward_model,
+    reward_scores,
+    save_pretrained,
+)
 from bond.models.reward import (
     PreferenceFn,
     RewardFn,
@@ -43,6 +50,8 @@ __all__ = [
     "init_cache",
     "init_params",
     "init_reward_params",
+    "load_pretrained",
+    "load_reward_model",
     "logits",
     "pairwise_preferences",
     "param_logical_axes",
@@ -51,5 +60,7 @@ __all__ = [
     "preferences_from_rewards",
     "reward_model_scores",
     "reward_param_logical_axes",
+    "reward_scores",
+    "save_pretrained",
     "sequence_logprobs",
 ]

@@ -1,13 +1,33 @@
-"""Decoder-only transformer language model (GPT-2 shape) with an explicit KV cache.
+"""Decoder-only transformer language models (GPT-2 and the Llama/Gemma family) with an explicit KV cache.
 
-Architecture (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners",
-GPT-2): learned token and absolute position embeddings, `num_layers` pre-LayerNorm blocks
+One code path covers both families. The default TransformerConfig is GPT-2 (Radford et al. 2019,
+"Language Models are Unsupervised Multitask Learners"): learned token and absolute position
+embeddings, `num_layers` pre-LayerNorm blocks
 
     h = x + Attention(LN_1(x)),    out = h + MLP(LN_2(h)),    MLP(z) = W_2 gelu_tanh(W_1 z + b_1) + b_2,
 
 a final LayerNorm, and logits = LN_f(h) E^T with the token embedding E (tied) or a separate
-projection. Every parameter carries logical axis names ('vocab', 'embed', 'mlp', 'heads', 'kv',
-'position') so that sharding is a table of rules from these names to mesh axes (bond/sharding.py).
+projection. The config's switches give the Llama/Gemma family (Touvron et al. 2023, "LLaMA";
+Gemma Team 2024, "Gemma"):
+
+  * norm='rms_norm': RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w (Zhang & Sennrich 2019), with
+    norm_unit_offset=True the scale is (1 + w) (Gemma);
+  * position_embedding='rope': rotary position embeddings (Su et al. 2021, "RoFormer") in the
+    "rotate_half" layout of HF transformers (channel i pairs with channel i + head_dim / 2), so HF
+    checkpoints load without permuting q/k weights; no learned positions;
+  * num_kv_heads < num_heads: grouped-query attention (Ainslie et al. 2023, "GQA"): query head h
+    reads key/value head h // (num_heads / num_kv_heads);
+  * gated_mlp=True: MLP(z) = W_2 (act(W_g z) * (W_1 z)), SwiGLU with activation='silu' (Llama,
+    Mistral, Qwen2) or GeGLU with 'gelu_tanh' (Gemma) (Shazeer 2020, "GLU Variants Improve Transformer");
+  * explicit_head_dim: a head width other than d_model / num_heads (Gemma);
+  * qkv_bias / out_bias / mlp_bias: which projections have biases (GPT-2 all, Qwen2 q/k/v only,
+    Llama none);
+  * scale_embeddings=True: token embeddings times sqrt(d_model), rounded to the compute dtype (Gemma).
+
+Every parameter carries logical axis names ('vocab', 'embed', 'mlp', 'heads', 'kv', 'position') so
+that sharding is a table of rules from these names to mesh axes (bond/sharding.py); key/value
+projections of grouped-query attention use 'heads' too (a mesh axis that does not divide
+num_kv_heads leaves them replicated).
 
 Token layout (one convention for the codebase): id 0 is the single BOS/EOS/PAD token; prompts are
 LEFT-padded; a token's position is `cumsum(mask) - 1` (clipped at 0), so padding never shifts a real
@@ -16,7 +36,8 @@ token's position, and padded keys are masked out of attention.
 Decoding uses an explicit cache pytree (`KVCache`, one `LayerCache` per block) of fixed length S:
 a call with T new tokens writes their keys/values at cache slots [cache_index, cache_index + T) and
 lets the query in slot i attend to the keys in slots j <= i whose `key_mask` is 1. Without a cache,
-slots are the sequence indices 0..T-1 and the same rule is plain causal attention.
+slots are the sequence indices 0..T-1 and the same rule is plain causal attention. The cache holds
+num_kv_heads heads per layer, and keys are stored after the rotary embedding.
 """
 
 from __future__ import annotations
@@ -35,7 +56,11 @@ ACTIVATIONS = {
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
 }
+NORMS = ("layer_norm", "rms_norm")
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+POSITION_EMBEDDINGS = ("learned", "rope")
 
 # Keeps a fully masked attention row finite (uniform weights) instead of NaN; such rows only occur
 # for queries at padded positions, whose outputs are never read.
@@ -50,14 +75,31 @@ class TransformerConfig:
       vocab_size: number of token ids (id 0 is BOS/EOS/PAD).
       num_layers: number of transformer blocks.
       d_model: width of the residual stream.
-      num_heads: attention heads; `d_model` must be divisible by it (head_dim = d_model / num_heads).
+      num_heads: attention (query) heads; without `explicit_head_dim`, `d_model` must be divisible
+        by it (head_dim = d_model / num_heads).
       d_ff: hidden width of the MLP.
-      max_len: number of learned positions (longest sequence the model accepts).
+      max_len: longest sequence the model accepts (the number of learned positions, or the
+        checkpoint's max_position_embeddings with rotary positions).
       activation: MLP nonlinearity, one of ACTIVATIONS ('gelu_tanh' = GPT-2's "gelu_new").
-      layer_norm_epsilon: LayerNorm epsilon.
+      layer_norm_epsilon: epsilon of every normalisation layer (LayerNorm or RMSNorm).
       tie_embeddings: logits use the transposed token embedding (GPT-2) instead of a separate matrix.
       dtype: compute dtype of matmuls (softmax and log-softmax are always float32).
       param_dtype: storage dtype of the parameters.
+      norm: 'layer_norm' (GPT-2) or 'rms_norm' (Llama/Gemma).
+      norm_unit_offset: RMSNorm scales by (1 + w) with w initialised at 0 (Gemma).
+      position_embedding: 'learned' absolute positions (GPT-2) or 'rope' rotary embeddings.
+      rope_theta: base of the rotary frequencies theta^(-2i / head_dim).
+      rope_scaling: () for plain rotary frequencies, or HF rope_parameters as sorted (key, value)
+        pairs with 'rope_type' 'linear' (frequencies / factor) or 'llama3' (Llama 3.1's
+        wavelength-dependent rescaling; keys factor, low_freq_factor, high_freq_factor,
+        original_max_position_embeddings).
+      num_kv_heads: key/value heads of grouped-query attention (None = num_heads); must divide num_heads.
+      explicit_head_dim: width of one head (None = d_model / num_heads).
+      gated_mlp: MLP(z) = W_2 (act(W_g z) * W_1 z) (SwiGLU / GeGLU) instead of W_2 act(W_1 z).
+      qkv_bias: the query/key/value projections have biases.
+      out_bias: the attention output projection has a bias.
+      mlp_bias: the MLP projections have biases.
+      scale_embeddings: multiply token embeddings by sqrt(d_model) in the compute dtype (Gemma).
     """
 
     vocab_size: int
@@ -71,13 +113,59 @@ class TransformerConfig:
     tie_embeddings: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    norm: str = "layer_norm"
+    norm_unit_offset: bool = False
+    position_embedding: str = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] = ()
+    num_kv_heads: int | None = None
+    explicit_head_dim: int | None = None
+    gated_mlp: bool = False
+    qkv_bias: bool = True
+    out_bias: bool = True
+    mlp_bias: bool = True
+    scale_embeddings: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "d_ff", "max_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TransformerConfig.{name} must be a positive int, got {value!r}.")
-        if self.d_model % self.num_heads:
+        for name in ("num_kv_heads", "explicit_head_dim"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"TransformerConfig.{name} must be None or a positive int, got {value!r}.")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"TransformerConfig.num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})."
+            )
+        if self.norm not in NORMS:
+            raise ValueError(f"TransformerConfig.norm must be one of {NORMS}, got {self.norm!r}.")
+        if self.norm_unit_offset and self.norm != "rms_norm":
+            raise ValueError("TransformerConfig.norm_unit_offset=True needs norm='rms_norm'.")
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise ValueError(
+                f"TransformerConfig.position_embedding must be one of {POSITION_EMBEDDINGS}, "
+                f"got {self.position_embedding!r}."
+            )
+        if self.position_embedding == "rope" and self.head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {self.head_dim}.")
+        if not self.rope_theta > 0:
+            raise ValueError(f"TransformerConfig.rope_theta must be > 0, got {self.rope_theta!r}.")
+        if self.rope_scaling:
+            scaling = dict(self.rope_scaling)
+            needed = {"linear": {"factor"}, "llama3": set(LLAMA3_ROPE_KEYS)}.get(scaling.get("rope_type"))
+            if needed is None:
+                raise ValueError(
+                    "TransformerConfig.rope_scaling must have rope_type 'linear' or 'llama3', got "
+                    f"{scaling.get('rope_type')!r}."
+                )
+            if not needed <= set(scaling):
+                raise ValueError(
+                    f"TransformerConfig.rope_scaling of type {scaling['rope_type']!r} needs the keys {sorted(needed)}, "
+                    f"got {sorted(scaling)}."
+                )
+        if self.explicit_head_dim is None and self.d_model % self.num_heads:
             raise ValueError(
                 f"TransformerConfig.d_model ({self.d_model}) must be divisible by num_heads "
                 f"({self.num_heads}); pick num_heads among the divisors of d_model."
@@ -93,7 +181,13 @@ class TransformerConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.num_heads
+        """Width of one attention head."""
+        return self.explicit_head_dim or self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (num_heads without grouped-query attention)."""
+        return self.num_kv_heads or self.num_heads
 
 
 def config_from_gpt2(hf_config: dict, **overrides: Any) -> TransformerConfig:
@@ -124,7 +218,7 @@ def config_from_gpt2(hf_config: dict, **overrides: Any) -> TransformerConfig:
 
 
 class LayerCache(NamedTuple):
-    """Keys and values of one attention layer, each [batch, num_heads, cache_len, head_dim]."""
+    """Keys and values of one attention layer, each [batch, num_kv_heads, cache_len, head_dim]."""
 
     keys: jax.Array
     values: jax.Array
@@ -140,7 +234,7 @@ def init_cache(config: TransformerConfig, batch_size: int, length: int) -> KVCac
             f"cache length {length} exceeds TransformerConfig.max_len={config.max_len}; "
             "shorten the prompt or the number of new tokens, or raise max_len."
         )
-    shape = (batch_size, config.num_heads, length, config.head_dim)
+    shape = (batch_size, config.kv_heads, length, config.head_dim)
     return tuple(
         LayerCache(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype))
         for _ in range(config.num_layers)
@@ -151,6 +245,49 @@ def positions_from_mask(mask: ArrayLike) -> jax.Array:
     """Positions of a left-padded batch: cumsum(mask) - 1 along the last axis, clipped at 0."""
     mask = jnp.asarray(mask).astype(jnp.int32)
     return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+def rope_frequencies(config: TransformerConfig) -> jax.Array:
+    """The head_dim / 2 rotary frequencies (float32) that `positions` multiply.
+
+    Plain: f_i = theta^(-2i / head_dim) (Su et al. 2021). 'linear' scaling: f_i / factor. 'llama3'
+    (Llama 3.1; HF transformers' `_compute_llama3_parameters`): with wavelength w_i = 2 pi / f_i and
+    old context L, f_i / factor where w_i > L / low_freq_factor, f_i where w_i < L / high_freq_factor,
+    and in between the interpolation (1 - s) f_i / factor + s f_i, s = (L / w_i - low) / (high - low).
+    """
+    exponents = jnp.arange(0, config.head_dim, 2, dtype=jnp.float32) / config.head_dim
+    freqs = 1.0 / (config.rope_theta**exponents)
+    scaling = dict(config.rope_scaling)
+    if scaling.get("rope_type") == "linear":
+        return freqs / scaling["factor"]
+    if scaling.get("rope_type") == "llama3":
+        factor, low, high, context = (scaling[k] for k in LLAMA3_ROPE_KEYS)
+        wavelength = 2 * math.pi / freqs
+        scaled = jnp.where(wavelength > context / low, freqs / factor, freqs)
+        smooth = (context / wavelength - low) / (high - low)
+        interpolated = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelength >= context / high) & (wavelength <= context / low)
+        return jnp.where(medium, interpolated, scaled)
+    return freqs
+
+
+def rope_tables(config: TransformerConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, T, head_dim] of the rotary embedding at integer `positions` [B, T].
+
+    Channel pair (i, i + head_dim / 2) rotates by the angle position * f_i (`rope_frequencies`),
+    computed in float32 and rounded to the compute dtype, as HF transformers' LlamaRotaryEmbedding does.
+    """
+    angles = positions.astype(jnp.float32)[..., None] * rope_frequencies(config)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(config.dtype), jnp.sin(angles).astype(config.dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates heads x [B, H, T, head_dim] by the tables [B, T, head_dim]: x cos + rotate_half(x) sin,
+    rotate_half(x) = concat(-x[..., d/2:], x[..., :d/2]) (HF transformers' layout)."""
+    first, second = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
 
 
 def _normal(stddev: float, names: tuple[str, ...]):
@@ -170,7 +307,31 @@ def _zeros(names: tuple[str, ...]):
     return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
 
 
-def _layer_norm(config: TransformerConfig, name: str) -> nn.LayerNorm:
+class RMSNorm(nn.Module):
+    """RMSNorm(x) = x / sqrt(mean(x^2) + eps) * w, or * (1 + w) with `config.norm_unit_offset`.
+
+    Zhang & Sennrich 2019, "Root Mean Square Layer Normalization". Normalised in float32; the
+    scale multiplies in float32 with the unit offset (Gemma) and in the compute dtype without it
+    (Llama), as in HF transformers.
+    """
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        init = nn.initializers.zeros_init() if c.norm_unit_offset else nn.initializers.ones_init()
+        scale = self.param("scale", nn.with_logical_partitioning(init, ("embed",)), (c.d_model,), c.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + c.layer_norm_epsilon)
+        if c.norm_unit_offset:
+            return (normed * (1.0 + scale.astype(jnp.float32))).astype(c.dtype)
+        return normed.astype(c.dtype) * scale.astype(c.dtype)
+
+
+def _norm(config: TransformerConfig, name: str) -> nn.Module:
+    if config.norm == "rms_norm":
+        return RMSNorm(config, name=name)
     return nn.LayerNorm(
         epsilon=config.layer_norm_epsilon,
         dtype=config.dtype,
@@ -192,27 +353,31 @@ def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 class HeadProjection(nn.Module):
-    """x [B, T, D] -> [B, H, T, head_dim]: a per-head linear map, kernel [D, H, head_dim] + bias.
+    """x [B, T, D] -> [B, H, T, head_dim]: a per-head linear map, kernel [D, H, head_dim] (+ bias).
 
+    H is `num_heads` (config.num_heads for queries, config.kv_heads for keys and values).
     Head-major output keeps the KV cache [B, H, S, head_dim] contiguous per head, so decoding
     attends with batched matmuls and never transposes the cache.
     """
 
     config: TransformerConfig
+    num_heads: int
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        shape = (c.d_model, c.num_heads, c.head_dim)
+        shape = (c.d_model, self.num_heads, c.head_dim)
         kernel = self.param("kernel", _normal(_INIT_STD, ("embed", "heads", "kv")), shape, c.param_dtype)
-        bias = self.param("bias", _zeros(("heads", "kv")), shape[1:], c.param_dtype)
+        bias = self.param("bias", _zeros(("heads", "kv")), shape[1:], c.param_dtype) if c.qkv_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=c.dtype)
-        out = _matmul(x, kernel.reshape(c.d_model, -1)) + bias.reshape(-1)
+        out = _matmul(x, kernel.reshape(c.d_model, -1))
+        if bias is not None:
+            out = out + bias.reshape(-1)
         return out.reshape(x.shape[:2] + shape[1:]).transpose(0, 2, 1, 3)
 
 
 class HeadMerge(nn.Module):
-    """[B, H, T, head_dim] -> [B, T, D]: the attention output projection, kernel [H, head_dim, D] + bias."""
+    """[B, H, T, head_dim] -> [B, T, D]: the attention output projection, kernel [H, head_dim, D] (+ bias)."""
 
     config: TransformerConfig
 
@@ -222,15 +387,16 @@ class HeadMerge(nn.Module):
         shape = (c.num_heads, c.head_dim, c.d_model)
         init_std = _INIT_STD / math.sqrt(2 * c.num_layers)
         kernel = self.param("kernel", _normal(init_std, ("heads", "kv", "embed")), shape, c.param_dtype)
-        bias = self.param("bias", _zeros(("embed",)), shape[2:], c.param_dtype)
+        bias = self.param("bias", _zeros(("embed",)), shape[2:], c.param_dtype) if c.out_bias else None
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=c.dtype)
         batch, _, length, _ = x.shape
         merged = x.transpose(0, 2, 1, 3).reshape(batch, length, -1)
-        return _matmul(merged, kernel.reshape(-1, c.d_model)) + bias
+        out = _matmul(merged, kernel.reshape(-1, c.d_model))
+        return out if bias is None else out + bias
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention over an optional KV cache."""
+    """Multi-head (or grouped-query) causal self-attention over an optional KV cache."""
 
     config: TransformerConfig
 
@@ -241,45 +407,67 @@ class Attention(nn.Module):
         allowed: jax.Array,
         layer_cache: LayerCache | None,
         cache_index: jax.Array | int,
+        rope: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, LayerCache | None]:
-        """x [B, T, D]; allowed [B, T, S] bool (query t may attend key slot s)."""
+        """x [B, T, D]; allowed [B, T, S] bool (query t may attend key slot s); rope: (cos, sin) or None."""
         c = self.config
-        query = HeadProjection(c, name="query")(x) * c.head_dim**-0.5
-        key = HeadProjection(c, name="key")(x)
-        value = HeadProjection(c, name="value")(x)
+        query = HeadProjection(c, c.num_heads, name="query")(x)
+        key = HeadProjection(c, c.kv_heads, name="key")(x)
+        value = HeadProjection(c, c.kv_heads, name="value")(x)
+        if rope is None:
+            query = query * c.head_dim**-0.5
+        else:
+            query = apply_rope(query, *rope) * jnp.asarray(c.head_dim**-0.5, c.dtype)
+            key = apply_rope(key, *rope)
         if layer_cache is not None:
             start = (0, 0, cache_index, 0)
             key = jax.lax.dynamic_update_slice(layer_cache.keys, key.astype(layer_cache.keys.dtype), start)
             value = jax.lax.dynamic_update_slice(layer_cache.values, value.astype(layer_cache.values.dtype), start)
             layer_cache = LayerCache(key, value)
-        scores = jnp.einsum("bhtk,bhsk->bhts", query, key).astype(jnp.float32)
-        scores = jnp.where(allowed[:, None, :, :], scores, _MASKED_SCORE)
-        weights = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
-        mixed = jnp.einsum("bhts,bhsk->bhtk", weights, value)
+        groups = c.num_heads // c.kv_heads
+        if groups == 1:
+            scores = jnp.einsum("bhtk,bhsk->bhts", query, key).astype(jnp.float32)
+            scores = jnp.where(allowed[:, None, :, :], scores, _MASKED_SCORE)
+            weights = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
+            mixed = jnp.einsum("bhts,bhsk->bhtk", weights, value)
+        else:
+            # Query head h = j * groups + g reads key/value head j (HF's repeat_kv order).
+            batch, _, length, _ = query.shape
+            grouped = query.reshape(batch, c.kv_heads, groups, length, c.head_dim)
+            scores = jnp.einsum("bhgtk,bhsk->bhgts", grouped, key).astype(jnp.float32)
+            scores = jnp.where(allowed[:, None, None, :, :], scores, _MASKED_SCORE)
+            weights = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
+            mixed = jnp.einsum("bhgts,bhsk->bhgtk", weights, value).reshape(query.shape)
         return HeadMerge(c, name="out")(mixed), layer_cache
 
 
 class Mlp(nn.Module):
-    """Position-wise MLP: W_out act(W_in x + b_in) + b_out."""
+    """Position-wise MLP: W_out act(W_in x + b_in) + b_out, or gated W_out (act(W_gate x) * W_in x)."""
 
     config: TransformerConfig
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
-        h = nn.Dense(
+        dense = functools.partial(nn.Dense, use_bias=c.mlp_bias, dtype=c.dtype, param_dtype=c.param_dtype)
+        h = dense(
             c.d_ff,
-            dtype=c.dtype,
-            param_dtype=c.param_dtype,
             kernel_init=_normal(_INIT_STD, ("embed", "mlp")),
             bias_init=_zeros(("mlp",)),
             name="fc_in",
         )(x)
-        h = ACTIVATIONS[c.activation](h)
-        return nn.Dense(
+        if c.gated_mlp:
+            gate = dense(
+                c.d_ff,
+                kernel_init=_normal(_INIT_STD, ("embed", "mlp")),
+                bias_init=_zeros(("mlp",)),
+                name="fc_gate",
+            )(x)
+            h = ACTIVATIONS[c.activation](gate) * h
+        else:
+            h = ACTIVATIONS[c.activation](h)
+        return dense(
             c.d_model,
-            dtype=c.dtype,
-            param_dtype=c.param_dtype,
             kernel_init=_normal(_INIT_STD / math.sqrt(2 * c.num_layers), ("mlp", "embed")),
             bias_init=_zeros(("embed",)),
             name="fc_out",
@@ -287,17 +475,17 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + Attn(LN(x)), then + MLP(LN(.))."""
+    """Pre-norm transformer block: x + Attn(Norm(x)), then + MLP(Norm(.))."""
 
     config: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, allowed, layer_cache, cache_index):
+    def __call__(self, x, allowed, layer_cache, cache_index, rope=None):
         h, layer_cache = Attention(self.config, name="attn")(
-            _layer_norm(self.config, "ln_1")(x), allowed, layer_cache, cache_index
+            _norm(self.config, "ln_1")(x), allowed, layer_cache, cache_index, rope
         )
         x = x + h
-        x = x + Mlp(self.config, name="mlp")(_layer_norm(self.config, "ln_2")(x))
+        x = x + Mlp(self.config, name="mlp")(_norm(self.config, "ln_2")(x))
         return x, layer_cache
 
 
@@ -307,7 +495,7 @@ class Transformer(nn.Module):
     `__call__(tokens, positions, key_mask, cache=None, cache_index=0) -> (logits, cache)`:
       tokens [B, T] int, positions [B, T] int, key_mask [B, S] (1 = a key slot that may be attended;
       S = T without a cache, S = cache length with one), logits [B, T, V] float32.
-    `hidden_states(...)` is the same up to the final LayerNorm, returning [B, T, D].
+    `hidden_states(...)` is the same up to the final norm, returning [B, T, D].
     """
 
     config: TransformerConfig
@@ -321,15 +509,16 @@ class Transformer(nn.Module):
             param_dtype=c.param_dtype,
             embedding_init=_normal(_INIT_STD, ("vocab", "embed")),
         )
-        self.wpe = nn.Embed(
-            c.max_len,
-            c.d_model,
-            dtype=c.dtype,
-            param_dtype=c.param_dtype,
-            embedding_init=_normal(_INIT_STD / 2, ("position", "embed")),  # 0.01, as in GPT-2's code
-        )
+        if c.position_embedding == "learned":
+            self.wpe = nn.Embed(
+                c.max_len,
+                c.d_model,
+                dtype=c.dtype,
+                param_dtype=c.param_dtype,
+                embedding_init=_normal(_INIT_STD / 2, ("position", "embed")),  # 0.01, as in GPT-2's code
+            )
         self.blocks = [Block(c) for _ in range(c.num_layers)]
-        self.ln_f = _layer_norm(c, "ln_f")
+        self.ln_f = _norm(c, "ln_f")
         if not c.tie_embeddings:
             self.lm_head = nn.Dense(
                 c.vocab_size,
@@ -347,15 +536,23 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         cache_index: jax.Array | int = 0,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Final-LayerNorm hidden states [B, T, D] and the updated cache."""
+        """Final-norm hidden states [B, T, D] and the updated cache."""
+        c = self.config
         num_queries, num_keys = tokens.shape[1], key_mask.shape[1]
         query_slots = cache_index + jnp.arange(num_queries)
         causal = jnp.arange(num_keys)[None, :] <= query_slots[:, None]
         allowed = causal[None, :, :] & (key_mask[:, None, :] > 0)
-        x = self.wte(tokens) + self.wpe(positions)
+        x = self.wte(tokens)
+        if c.scale_embeddings:
+            x = x * jnp.asarray(math.sqrt(c.d_model), c.dtype)
+        rope = None
+        if c.position_embedding == "learned":
+            x = x + self.wpe(positions)
+        else:
+            rope = rope_tables(c, positions)
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, allowed, None if cache is None else cache[i], cache_index)
+            x, layer_cache = block(x, allowed, None if cache is None else cache[i], cache_index, rope)
             new_cache.append(layer_cache)
         return self.ln_f(x), (None if cache is None else tuple(new_cache))
 
