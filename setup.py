@@ -16,6 +16,13 @@ RUNTIME = [
     "matplotlib>=3.8",
     "tensorboardX>=2.6",
     "absl-py>=2.0",
+    # real checkpoints and text: bfloat16 tensors, tokenizers, chat templates, parquet prompt files
+    "ml_dtypes>=0.5",
+    "protobuf>=4.21",
+    "tokenizers>=0.20",
+    "sentencepiece>=0.2",
+    "jinja2>=3.1",
+    "pyarrow>=14",
 ]
 
 TEST = [

@@ -73,6 +73,37 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.checkpoint = ml_collections.ConfigDict(dict(every=50, keep=3))
     c.log_every = 10
+    # task='pretrained': a pretrained HF checkpoint aligned on text prompts (bond/tasks/pretrained.py).
+    # The policy and the reference load from policy_path (no SFT stage; config.model and
+    # config.reference are not read); rewards come from reward_path, WIND's pairwise preferences
+    # from preference_path (a pair scorer) or else from the rewards.
+    c.pretrained = ml_collections.ConfigDict(
+        dict(
+            policy_path="",  # HF checkpoint folder: config.json + *.safetensors (+ tokenizer files)
+            tokenizer_path="",  # folder or tokenizer.json / tokenizer.model; "" = policy_path
+            reward_path="",  # HF sequence-classification checkpoint (same tokenizer as the policy)
+            preference_path="",  # sequence-classification checkpoint scoring x ⊕ y ⊕ separator ⊕ y' (WIND)
+            preference_separator="",  # text between the two responses the pair scorer reads
+            eos_token="",  # overrides the tokenizer's EOS, e.g. "<end_of_turn>" / "<|eot_id|>"
+            chat_template=False,  # wrap each prompt as a user message in the checkpoint's chat template
+            system_prompt="",  # with chat_template: a system message before each prompt
+            prompts=dict(
+                source="",  # 'tfds:xsum' | 'jsonl:/path/{split}.jsonl' | 'parquet:/path.parquet'
+                field="prompt",  # the text field of each record (xsum: 'document')
+                train_split="train",
+                eval_split="validation",
+                template="{text}",  # format string around the text, e.g. "Summarize: {text}"
+                limit=0,  # train prompts to read (0 = all)
+                data_dir="",  # TFDS data_dir ("" = TFDS's default)
+            ),
+            max_prompt_length=64,  # P: prompts are left-padded / truncated (keeping the end) to this
+            max_new_tokens=32,  # L: response tokens sampled per prompt
+            # Parameter dtype of policy, reference and judges ("" = as stored). Optimizer state and
+            # the update math are float32 whatever this is.
+            param_dtype="",
+        )
+    )
+
     c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 absorbs the remaining devices
     c.num_devices = 0  # devices the mesh spans (the first ones); 0 = all
     c.plots = True

@@ -28,8 +28,10 @@ from bond.checkpoint import Checkpointer, abstract_like, install_sigterm_handler
 from bond.metrics import MetricWriter, Progress, check_finite, read_metrics
 from bond.plots import plot_run
 from bond.models import TransformerConfig, param_logical_axes, reward_model_scores, sequence_logprobs
+from bond.models.preference import Responses, symmetric_preference
 from bond.sampling import sample
 from bond.tasks import Task, get_task, synthetic_language
+from bond.tasks import pretrained as pretrained_task
 from bond.tasks.prompts import load_prompts, read_prompt_batch
 from bond.validation import validate
 
@@ -57,9 +59,17 @@ class Setup:
     algorithm: Algorithm
     plan: SamplingPlan
     anchor_kind: str  # 'none', 'hard' or 'ema'
-    reward_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]  # (tokens, attention, response) → [N]
-    eval_reward_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+    # (judge_params, tokens, attention, response) → [N]; judge_params is `Setup.judge_params`,
+    # passed into the jitted step as an argument so that large judges are not compiled in as constants.
+    reward_fn: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+    eval_reward_fn: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
     mesh: jax.sharding.Mesh
+    judge_params: Any = None  # parameters of the reward / preference models ({'reward': ..., 'preference': ...})
+    # A pair scorer's P(y ≻ y') (bond/models/preference.py) on judge_params['preference'], and the loss
+    # (judge_params, LossInputs) → (loss, metrics) that replaces the algorithm's when it is set.
+    preference_judge: Optional[Callable] = None
+    preference_loss: Optional[Callable] = None
+    train_prompts: Any = None  # the train prompt source when the task brings its own (else its TFDS set)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,32 +89,70 @@ def hparams(config) -> dict[str, jax.Array]:
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-    """Adam with global-norm clipping; the learning rate is applied in the step (it is traced)."""
+    """Adam with global-norm clipping; the learning rate is applied in the step (it is traced).
+
+    Its state and the update math are float32 whatever the parameters' dtype (`as_float32`), so
+    bfloat16 parameters keep float32 moments."""
     parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
     return optax.chain(*parts, optax.scale_by_adam())
+
+
+def as_float32(tree):
+    """Every leaf of `tree` in float32 (a no-op on float32 leaves)."""
+    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
 def make_setup(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[Setup, Any]:
     """Validates the config, builds (or loads) the reference and reward models; → (Setup, ref params)."""
     validate(config)
-    task = get_task(config.task)
     algorithm = algorithms.get_algorithm(config.algorithm)
+    mesh = sharding.make_mesh(config.mesh_shape, devices=jax.devices()[: config.num_devices or None])
+    sharding.check_batch_divides(config.batch_size, mesh, field="config.batch_size")
+    if config.task == pretrained_task.TASK_NAME:
+        return _pretrained_setup(config, algorithm, mesh, log)
+    return _builtin_setup(config, algorithm, mesh, log)
+
+
+def _pretrained_setup(config, algorithm: Algorithm, mesh, log) -> tuple[Setup, Any]:
+    """A pretrained checkpoint: policy = reference from its files, judges from theirs, text prompts."""
+    loaded = pretrained_task.load_pretrained_task(config, mesh, log)
+    judge = loaded.preference_judge
+    setup = Setup(
+        config=ml_collections.FrozenConfigDict(config),
+        task=loaded.task,
+        model=loaded.model,
+        algorithm=algorithm,
+        plan=algorithm.plan(config.algo),
+        anchor_kind=anchor_kind(config, algorithm),
+        reward_fn=loaded.reward_fn,
+        eval_reward_fn=loaded.reward_fn,
+        mesh=mesh,
+        judge_params=_on_mesh(loaded.judge_params, mesh),
+        preference_judge=judge,
+        preference_loss=pretrained_task.preference_model_loss(judge) if judge is not None else None,
+        train_prompts=loaded.train_prompts,
+    )
+    return setup, loaded.params
+
+
+def _builtin_setup(config, algorithm: Algorithm, mesh, log) -> tuple[Setup, Any]:
+    """A built-in task: the reference pretrained (SFT) on its corpus, its reward or a proxy reward model."""
+    task = get_task(config.task)
     model, ref_params = stages.pretrained_reference(config, task, log)
 
-    def task_reward(tokens, attention_mask, response_mask):
+    def task_reward(judge_params, tokens, attention_mask, response_mask):
         return task.reward(tokens, response_mask)
 
-    reward_fn = task_reward
+    reward_fn, judge_params = task_reward, None
     if config.reward_model.use_proxy:
         rm_model, rm_params = stages.proxy_reward_model(config, task, synthetic_language.preference_corpus, log)
+        judge_params = _on_mesh({"reward": rm_params}, mesh)
 
-        def proxy_reward(tokens, attention_mask, response_mask):
-            return reward_model_scores(rm_params, tokens, attention_mask, model=rm_model)
+        def proxy_reward(judge_params, tokens, attention_mask, response_mask):
+            return reward_model_scores(judge_params["reward"], tokens, attention_mask, model=rm_model)
 
         reward_fn = proxy_reward
 
-    mesh = sharding.make_mesh(config.mesh_shape, devices=jax.devices()[: config.num_devices or None])
-    sharding.check_batch_divides(config.batch_size, mesh, field="config.batch_size")
     setup = Setup(
         config=ml_collections.FrozenConfigDict(config),
         task=task,
@@ -115,8 +163,34 @@ def make_setup(config: ml_collections.ConfigDict, log: Callable[[str], None] = p
         reward_fn=reward_fn,
         eval_reward_fn=task_reward,
         mesh=mesh,
+        judge_params=judge_params,
     )
     return setup, ref_params
+
+
+def judge_shardings(setup: Setup):
+    """Where the judges' parameters live: as the checkpoint loader placed them on the mesh, else replicated."""
+    return jax.tree.map(lambda x: _mesh_sharding(x, setup.mesh), setup.judge_params)
+
+
+def _mesh_sharding(x, mesh):
+    sh = getattr(x, "sharding", None)
+    if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh == mesh:
+        return sh
+    return sharding.replicated(mesh)
+
+
+def _on_mesh(tree, mesh):
+    """`tree` placed on `mesh`: leaves already there stay, the others are replicated."""
+    return jax.tree.map(lambda x: jax.device_put(x, _mesh_sharding(x, mesh)), tree)
+
+
+def train_prompt_source(setup: Setup):
+    """The random-access train prompt source: the task's own (pretrained) or its TFDS prompt set."""
+    if setup.train_prompts is not None:
+        return setup.train_prompts
+    c = setup.config
+    return load_prompts(c.task, "train", stages.cache_root(c.cache_dir) / "tfds")
 
 
 def init_state(setup: Setup, ref_params) -> TrainState:
@@ -126,7 +200,7 @@ def init_state(setup: Setup, ref_params) -> TrainState:
         step=jnp.zeros((), jnp.int32),
         params=copy(ref_params),
         anchor_params=copy(ref_params) if setup.anchor_kind != "none" else None,
-        opt_state=make_optimizer(setup.config).init(ref_params),
+        opt_state=make_optimizer(setup.config).init(as_float32(ref_params)),
         nonfinite_step=jnp.full((), -1, jnp.int32),
     )
 
@@ -149,8 +223,9 @@ def state_shardings(setup: Setup, state: TrainState) -> TrainState:
 # The train step
 
 
-def _draw(setup: Setup, params, prompts, prompt_mask, key, count: int, logp_params: dict, source: str) -> Samples:
-    """`count` samples per prompt from `params`, scored, with log-probs under reference and anchor."""
+def _draw(setup: Setup, params, prompts, prompt_mask, key, count: int, logp_params: dict, source: str,
+          judge_params: Any) -> Samples:
+    """`count` samples per prompt from `params`, scored by the judges, with log-probs under reference and anchor."""
     c = setup.config
     out = sample(
         setup.model, params, prompts, prompt_mask, key, num_samples=count,
@@ -159,7 +234,8 @@ def _draw(setup: Setup, params, prompts, prompt_mask, key, count: int, logp_para
     )
     b, s, t = out.tokens.shape
     flat = lambda x: x.reshape(b * s, t)
-    rewards = setup.reward_fn(flat(out.tokens), flat(out.attention_mask), flat(out.response_mask)).reshape(b, s)
+    rewards = setup.reward_fn(judge_params, flat(out.tokens), flat(out.attention_mask), flat(out.response_mask))
+    rewards = rewards.reshape(b, s)
     sampler_logp = out.logprobs.sum(-1)
     plain = c.temperature == 1.0 and c.top_k == 0 and c.top_p == 1.0
 
@@ -179,8 +255,9 @@ def _draw(setup: Setup, params, prompts, prompt_mask, key, count: int, logp_para
 
 
 def _update_anchor(kind: str, anchor, params, step, hp, period: int):
-    if kind == "ema":  # θ_anchor ← (1 − η)·θ_anchor + η·θ   (BOND §6)
-        return jax.tree.map(lambda a, p: (1.0 - hp["anchor_eta"]) * a + hp["anchor_eta"] * p, anchor, params)
+    if kind == "ema":  # θ_anchor ← (1 − η)·θ_anchor + η·θ   (BOND §6), in float32, stored in the anchor's dtype
+        eta = hp["anchor_eta"]
+        return jax.tree.map(lambda a, p: ((1.0 - eta) * a.astype(jnp.float32) + eta * p).astype(a.dtype), anchor, params)
     if kind == "hard":  # copy every `period` steps (iterative BOND, §5)
         move = (step + 1) % period == 0
         return jax.tree.map(lambda a, p: jnp.where(move, p, a), anchor, params)
@@ -198,20 +275,23 @@ def _sample_metrics(name: str, samples: Optional[Samples]) -> dict[str, jax.Arra
 
 
 def make_train_step(setup: Setup) -> Callable:
-    """The jitted step (state, ref_params, prompts, prompt_mask, prompt_rows, hp, seed_key, ref_cache)
+    """The jitted step (state, ref_params, prompts, prompt_mask, prompt_rows, hp, seed_key, ref_cache[, judge_params])
     → (state, metrics). prompt_rows [B] are the prompts' rows in the train set; ref_cache is
-    `build_reference_cache`'s output or None."""
+    `build_reference_cache`'s output or None; judge_params defaults to `setup.judge_params`
+    (then compiled in as constants: pass them for large judges)."""
     plan, algorithm, model = setup.plan, setup.algorithm, setup.model
     optimizer = make_optimizer(setup.config)
     period = int(setup.config.anchor.period)
 
-    def step(state: TrainState, ref_params, prompts, prompt_mask, prompt_rows, hp, seed_key, ref_cache):
+    def step(state: TrainState, ref_params, prompts, prompt_mask, prompt_rows, hp, seed_key, ref_cache,
+             judge_params=None):
+        judge_params = setup.judge_params if judge_params is None else judge_params
         key = jax.random.fold_in(seed_key, state.step)
         k_policy, k_anchor, k_ref, k_loss = jax.random.split(key, 4)
         logp_params = {"reference": ref_params, "anchor": state.anchor_params}
 
         def draw(params, k, count, source):
-            return _draw(setup, params, prompts, prompt_mask, k, count, logp_params, source) if count else None
+            return _draw(setup, params, prompts, prompt_mask, k, count, logp_params, source, judge_params) if count else None
 
         policy = draw(state.params, k_policy, plan.policy, "policy")
         anchor = draw(state.anchor_params, k_anchor, plan.anchor, "anchor")
@@ -225,12 +305,16 @@ def make_train_step(setup: Setup) -> Callable:
             def policy_logp(s: Samples) -> jax.Array:
                 return sequence_logprobs(params, s.tokens, s.response_mask, model=model, attention_mask=s.attention_mask)[1]
 
-            return algorithm.loss(inputs._replace(policy_logp=policy_logp))
+            full = inputs._replace(policy_logp=policy_logp)
+            if setup.preference_loss is not None:
+                return setup.preference_loss(judge_params, full)
+            return algorithm.loss(full)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        # float32 optimizer state and update math, parameters stored in their own dtype (bfloat16 allowed)
+        updates, opt_state = optimizer.update(as_float32(grads), state.opt_state, as_float32(state.params))
         lr = hp["learning_rate"] * hp["lr_scale"]
-        params = jax.tree.map(lambda p, u: p - lr * u, state.params, updates)
+        params = jax.tree.map(lambda p, u: (p.astype(jnp.float32) - lr * u).astype(p.dtype), state.params, updates)
         anchor_params = _update_anchor(setup.anchor_kind, state.anchor_params, params, state.step, hp, period)
         first_bad = jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss), state.step, state.nonfinite_step)
         metrics = {
@@ -247,7 +331,8 @@ def make_train_step(setup: Setup) -> Callable:
 
 
 def compile_train_step(setup: Setup, state: TrainState, ref_params) -> Callable:
-    """jax.jit of the step with its shardings (the successor of pjit); the state is donated."""
+    """jax.jit of the step with its shardings (the successor of pjit); the state is donated.
+    Call it with the judges' parameters last (`setup.judge_params`)."""
     mesh = setup.mesh
     state_sh = state_shardings(setup, state)
     params_sh = state_sh.params
@@ -255,7 +340,7 @@ def compile_train_step(setup: Setup, state: TrainState, ref_params) -> Callable:
     rep = sharding.replicated(mesh)
     return sharding.jit_sharded(
         make_train_step(setup),
-        in_shardings=(state_sh, params_sh, batch_sh, batch_sh, batch_sh, rep, rep, rep),
+        in_shardings=(state_sh, params_sh, batch_sh, batch_sh, batch_sh, rep, rep, rep, judge_shardings(setup)),
         out_shardings=(state_sh, rep),
         donate_argnums=(0,),
     )
@@ -289,7 +374,7 @@ def build_reference_cache(setup: Setup, ref_params, prompt_source, key: jax.Arra
         batch = read_prompt_batch(prompt_source, start, size)
         parts.append(
             _draw(setup, ref_params, jnp.asarray(batch.tokens), jnp.asarray(batch.mask), jax.random.fold_in(key, start),
-                  setup.plan.reference, {"reference": ref_params}, "reference")
+                  setup.plan.reference, {"reference": ref_params}, "reference", setup.judge_params)
         )
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
@@ -341,7 +426,7 @@ class Evaluator:
             [jnp.broadcast_to(self.prompt_mask[:, None], (b, m, p)).astype(jnp.float32), response[..., p:]], -1
         )
         flat = lambda x: x.reshape(b * m, p + length)
-        return reward_fn(flat(tokens), flat(attention), flat(response)).reshape(b, m)
+        return reward_fn(self.setup.judge_params, flat(tokens), flat(attention), flat(response)).reshape(b, m)
 
     def __call__(self, params) -> dict[str, float]:
         if self.exact:
@@ -356,12 +441,13 @@ class Evaluator:
         c = self.setup.config
         k_policy, k_ref = jax.random.split(self.key)
         logp_params = {"reference": self.ref_params}
+        judge_params = self.setup.judge_params
         policy = _draw(self.setup, params, self.prompts, self.prompt_mask, k_policy, c.eval.num_samples,
-                       logp_params, "policy")
+                       logp_params, "policy", judge_params)
         ref = _draw(self.setup, self.ref_params, self.prompts, self.prompt_mask, k_ref, c.eval.num_samples,
-                    logp_params, "reference")
+                    logp_params, "reference", judge_params)
         gold = lambda s: self.setup.eval_reward_fn(
-            s.tokens.reshape(-1, s.tokens.shape[-1]), s.attention_mask.reshape(-1, s.tokens.shape[-1]),
+            judge_params, s.tokens.reshape(-1, s.tokens.shape[-1]), s.attention_mask.reshape(-1, s.tokens.shape[-1]),
             s.response_mask.reshape(-1, s.tokens.shape[-1]),
         ).reshape(s.rewards.shape)
         r_policy, r_ref = gold(policy), gold(ref)
@@ -374,6 +460,11 @@ class Evaluator:
         }
         if self.setup.config.reward_model.use_proxy:
             metrics["proxy_reward"] = jnp.mean(policy.rewards)
+        if self.setup.preference_judge is not None:  # P(y ≻ y_ref) under the pair scorer, sample i against sample i
+            flat = lambda s: Responses(*(x.reshape(-1, x.shape[-1]) for x in (s.tokens, s.attention_mask, s.response_mask)))
+            metrics["preference_win_rate_vs_ref"] = jnp.mean(
+                symmetric_preference(self.setup.preference_judge, judge_params["preference"], flat(policy), flat(ref))
+            )
         return {k: float(v) for k, v in metrics.items()}
 
 
@@ -405,7 +496,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
     seed_key = jax.random.PRNGKey(c.seed)
     hp = hparams(c)
     train_step = compile_train_step(setup, state, ref_params)
-    prompt_source = load_prompts(c.task, "train", stages.cache_root(c.cache_dir) / "tfds")
+    prompt_source = train_prompt_source(setup)
     ref_cache = None
     if uses_reference_cache(setup):
         ref_cache = build_reference_cache(setup, ref_params, prompt_source, reference_cache_key(c.seed))
@@ -431,7 +522,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
                 return {"stopped_at": step}
             batch = read_prompt_batch(prompt_source, step * c.batch_size, c.batch_size)
             rows = (step * c.batch_size + np.arange(c.batch_size)) % len(prompt_source)
-            state, metrics = train_step(state, ref_params, batch.tokens, batch.mask, rows, hp, seed_key, ref_cache)
+            state, metrics = train_step(
+                state, ref_params, batch.tokens, batch.mask, rows, hp, seed_key, ref_cache, setup.judge_params
+            )
             step += 1
             if step % c.log_every == 0 or step == c.steps:
                 host = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}

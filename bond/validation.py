@@ -6,7 +6,9 @@ values it allows; bond.main prints it and exits with status 2, without a traceba
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import jax
 import ml_collections
@@ -15,6 +17,7 @@ from bond import algorithms, sharding
 from bond.losses.wind import VARIANTS as WIND_VARIANTS
 from bond.tasks import TASK_NAMES
 
+PRETRAINED_TASK = "pretrained"
 ANCHOR_KINDS = ("none", "hard", "ema")
 PREFERENCE_KINDS = ("hard", "bradley_terry")
 # Algorithms whose sampling plan or loss uses N of best-of-N.
@@ -53,7 +56,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         config.algorithm in algorithms.names(),
         f"config.algorithm={config.algorithm!r} is not registered; choose one of {algorithms.names()}.",
     )
-    _require(config.task in TASK_NAMES, f"config.task={config.task!r} is not a built-in task; choose one of {TASK_NAMES}.")
+    tasks = TASK_NAMES + (PRETRAINED_TASK,)
+    _require(config.task in tasks, f"config.task={config.task!r} is not a task; choose one of {tasks}.")
     _integer(config, "steps", 1)
     _integer(config, "batch_size", 1)
     _integer(config, "seed", 0)
@@ -102,6 +106,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     )
     if config.reward_model.use_proxy:
         _require(config.task == "synthetic_language", f"config.reward_model.use_proxy needs task 'synthetic_language' (a task with preference data), not {config.task!r}.")
+    if config.task == PRETRAINED_TASK:
+        validate_pretrained(config)
 
     algorithm = algorithms.get_algorithm(config.algorithm)
     if algorithm.validate is not None:
@@ -127,3 +133,137 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         f"config.batch_size={config.batch_size} must be divisible by the data axes of config.mesh_shape={tuple(config.mesh_shape)} "
         f"({data_shards} batch shards); use a multiple of {data_shards}.",
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# task='pretrained': files on disk, read without loading any weights.
+
+
+def _hf_config(path: str, field: str) -> dict:
+    """The config.json of the HF checkpoint folder `path` named by `field`; ConfigError if it is missing."""
+    _require(bool(path), f"config.{field} is empty; set it to an HF checkpoint folder (config.json + *.safetensors).")
+    folder = Path(path)
+    _require(folder.is_dir(), f"config.{field}={path!r} is not a folder; point it at an HF checkpoint folder.")
+    _require(
+        (folder / "config.json").exists(),
+        f"config.{field}={path!r} has no config.json; point it at the folder that holds config.json and the *.safetensors.",
+    )
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config.{field}: {folder / 'config.json'} is not valid JSON ({e}).") from None
+
+
+def _hf_value(hf_config: dict, *names: str):
+    """The first of `names` in an HF config (or in its 'text_config', as multimodal checkpoints nest it)."""
+    for scope in (hf_config, hf_config.get("text_config") or {}):
+        for name in names:
+            if isinstance(scope.get(name), int):
+                return scope[name]
+    return None
+
+
+def _same_tokenizer(policy_tokenizer, path: str, field: str) -> None:
+    """A judge folder's own tokenizer, if it has one, must give every token the policy's id."""
+    from bond.tokenizer import TokenizerError, find_tokenizer_file, load_tokenizer
+
+    try:
+        find_tokenizer_file(path)
+    except TokenizerError:
+        return  # no tokenizer files next to the judge: it is assumed to share the policy's
+    try:
+        judge_tokenizer = load_tokenizer(path)
+    except TokenizerError as e:
+        raise ConfigError(f"config.{field}: {e}") from None
+    _require(
+        judge_tokenizer.vocabulary() == policy_tokenizer.vocabulary(),
+        f"config.{field}={path!r} has a tokenizer that differs from the policy's (vocabulary of "
+        f"{judge_tokenizer.vocab_size} vs {policy_tokenizer.vocab_size} tokens, or other ids for the same tokens): the "
+        "judge reads the policy's token ids, so it needs a checkpoint trained with the policy's tokenizer.",
+    )
+
+
+def validate_pretrained(config: ml_collections.ConfigDict) -> None:
+    """Checks config.pretrained against the files: checkpoints, tokenizer, vocabularies, lengths, prompts."""
+    from bond.tasks.pretrained import PARAM_DTYPES, PREFERENCE_MODEL_ALGORITHMS, tokenizer_path
+    from bond.tasks.text import FILE_KINDS, parse_source, read_inline
+    from bond.tokenizer import TokenizerError, load_tokenizer
+
+    p = config.pretrained
+    prompt_length = _integer(config, "pretrained.max_prompt_length", 1)
+    new_tokens = _integer(config, "pretrained.max_new_tokens", 1)
+    _require(p.param_dtype in PARAM_DTYPES, f"config.pretrained.param_dtype={p.param_dtype!r} must be one of {PARAM_DTYPES}.")
+    _require(
+        config.algorithm in PREFERENCE_MODEL_ALGORITHMS or not p.preference_path,
+        f"config.pretrained.preference_path is set but config.algorithm={config.algorithm!r} learns from rewards; "
+        f"a pair scorer serves {PREFERENCE_MODEL_ALGORITHMS}. Clear preference_path or set reward_path.",
+    )
+    _require(
+        bool(p.reward_path or p.preference_path),
+        f"config.pretrained.reward_path is empty: config.algorithm={config.algorithm!r} needs a reward model "
+        "(an HF sequence-classification checkpoint folder)"
+        + (" or, for WIND, a pair scorer in config.pretrained.preference_path." if config.algorithm in PREFERENCE_MODEL_ALGORITHMS else "."),
+    )
+
+    policy = _hf_config(p.policy_path, "pretrained.policy_path")
+    field = "pretrained.tokenizer_path" if p.tokenizer_path else "pretrained.policy_path"
+    try:
+        tokenizer = load_tokenizer(tokenizer_path(p), eos_token=p.eos_token or None)
+    except TokenizerError as e:
+        raise ConfigError(f"config.{field}: {e} (or set config.pretrained.tokenizer_path)") from None
+    _require(
+        not p.chat_template or tokenizer.chat_template is not None,
+        f"config.pretrained.chat_template=True but the tokenizer at {tokenizer_path(p)!r} has no chat template; "
+        "set it to False or use a checkpoint with one.",
+    )
+    policy_vocab = _hf_value(policy, "vocab_size")
+    _require(policy_vocab is not None, f"config.pretrained.policy_path: {p.policy_path}/config.json has no vocab_size.")
+    _require(
+        tokenizer.vocab_size <= policy_vocab,
+        f"the tokenizer of config.{field} has {tokenizer.vocab_size} tokens but the policy at "
+        f"config.pretrained.policy_path embeds only {policy_vocab}; use the checkpoint's own tokenizer.",
+    )
+    max_positions = _hf_value(policy, "max_position_embeddings", "n_positions")
+    _require(
+        max_positions is None or prompt_length + new_tokens <= max_positions,
+        f"config.pretrained.max_prompt_length + max_new_tokens = {prompt_length + new_tokens} exceeds the policy's "
+        f"max_position_embeddings={max_positions}; lower them.",
+    )
+    for judge_field, path, length in (
+        ("pretrained.reward_path", p.reward_path, prompt_length + new_tokens),
+        ("pretrained.preference_path", p.preference_path, prompt_length + 2 * new_tokens),
+    ):
+        if not path:
+            continue
+        judge = _hf_config(path, judge_field)
+        judge_vocab = _hf_value(judge, "vocab_size")
+        _require(
+            judge_vocab is not None and judge_vocab >= policy_vocab,
+            f"config.{judge_field}={path!r} embeds {judge_vocab} tokens but the policy samples ids below {policy_vocab}: "
+            "a vocabulary mismatch; use a judge trained with the policy's tokenizer.",
+        )
+        judge_positions = _hf_value(judge, "max_position_embeddings", "n_positions")
+        _require(
+            judge_positions is None or length <= judge_positions,
+            f"config.{judge_field} reads {length} tokens per sequence (from config.pretrained.max_prompt_length and "
+            f"max_new_tokens) but accepts at most {judge_positions}; lower them.",
+        )
+        _same_tokenizer(tokenizer, path, judge_field)
+
+    q = p.prompts
+    try:
+        kind, location = parse_source(q.source)
+    except ValueError as e:
+        raise ConfigError(f"config.pretrained.prompts.source: {e}") from None
+    _require(bool(q.field), "config.pretrained.prompts.field is empty; name the text field of the prompt records.")
+    _require("{text}" in q.template, f"config.pretrained.prompts.template={q.template!r} must contain '{{text}}'.")
+    _integer(config, "pretrained.prompts.limit", 0)
+    if kind == "inline":
+        try:
+            read_inline(location)
+        except ValueError as e:
+            raise ConfigError(f"config.pretrained.prompts.source: {e}") from None
+    if kind in FILE_KINDS:
+        for split in {q.train_split, q.eval_split}:
+            file = location.replace("{split}", split)
+            _require(Path(file).exists(), f"config.pretrained.prompts.source: no {kind} file at {file!r} (split {split!r}).")
