@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
             beta=0.5,  # Jeffreys mix: (1−β)·forward + β·backward, in [0, 1]
             gamma=0.0,  # J-BOND's γ·KL(π‖π_anchor)
             num_samples=1,  # policy samples per prompt
-            num_ref_samples=16,  # k reference (or anchor) samples per prompt for quantiles
+            num_ref_samples=16,  # k reference (or anchor) samples per prompt for quantiles (BOND draws max(k, N))
             kl_coef=0.05,  # β of REINFORCE's KL(π‖π_ref) penalty
             pref_beta=0.1,  # β of DPO / IPO / SPPO
             wind_eta=1.0,  # WIND step size η

@@ -5,6 +5,11 @@
     python -m bond.main --config=configs/wind.py --workdir=DIR --config.algo.wind_eta=0.5
     python -m bond.main --config=configs/bond.py:quick   # a config's quick variant
     python -m bond.main --imports=my_losses --config.algorithm=my_loss   # a loss registered in my_losses.py
+    python -m bond.main --distributed --coordinator=host0:1234 --num_processes=2 --process_id=$I ...  # one per host
+
+With `--distributed`, `jax.distributed.initialize` joins this process to the others before
+anything else touches JAX (without --coordinator it detects the cluster, as on TPU pods and SLURM);
+every host runs the same command with its own --process_id and a workdir all hosts share.
 
 A config file defines `get_config(arg)`; `--config.<field>=<value>` overrides any field. The run
 pretrains (or loads) the reference, trains, evaluates against the reference, writes
@@ -29,6 +34,20 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "j_bond.py"
 config_flags.DEFINE_config_file("config", str(DEFAULT_CONFIG), "Experiment config file (get_config).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run folder; default: a fresh folder under runs/.")
 flags.DEFINE_list("imports", [], "Modules to import first, e.g. ones that register algorithms (comma-separated).")
+flags.DEFINE_bool("distributed", False, "Join a multi-host run with jax.distributed.initialize first.")
+flags.DEFINE_string("coordinator", None, "host:port of process 0 (--distributed); default: detected.")
+flags.DEFINE_integer("num_processes", None, "Number of processes (--distributed); default: detected.")
+flags.DEFINE_integer("process_id", None, "This process's index (--distributed); default: detected.")
+
+
+def join_cluster() -> None:
+    """jax.distributed.initialize with the flags given (the rest detected from the environment)."""
+    import jax
+
+    f = flags.FLAGS
+    jax.distributed.initialize(
+        coordinator_address=f.coordinator, num_processes=f.num_processes, process_id=f.process_id
+    )
 
 
 def default_workdir(algorithm: str) -> Path:
@@ -51,6 +70,8 @@ def format_summary(summary: dict) -> str:
 def main(argv) -> None:
     """Runs the config given by the flags into the workdir and prints the summary."""
     del argv
+    if flags.FLAGS.distributed:
+        join_cluster()
     from bond import train  # imported here so that --help stays fast
 
     for module in flags.FLAGS.imports:

@@ -54,6 +54,18 @@ def model_config(config: ml_collections.ConfigDict, task: Task) -> TransformerCo
     )
 
 
+def model_spec(model: TransformerConfig) -> dict:
+    """The fields of `model` that differ from TransformerConfig's defaults (the required ones always):
+    the part of a stage's cache key that names the architecture, stable when new fields with
+    defaults are added to TransformerConfig."""
+    spec = {}
+    for field in dataclasses.fields(model):
+        value = getattr(model, field.name)
+        if field.default is dataclasses.MISSING or value != field.default:
+            spec[field.name] = value
+    return spec
+
+
 def _stage_dir(root: Path, stage: str, task: Task, spec: dict) -> Path:
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return root / stage / f"{task.name}-{digest}"
@@ -123,7 +135,7 @@ def pretrained_reference(
     """
     model = model_config(config, task)
     r = config.reference
-    spec = {"task": task.name, "model": dataclasses.asdict(model), "reference": r.to_dict()}
+    spec = {"task": task.name, "model": model_spec(model), "reference": r.to_dict()}
     path = _stage_dir(cache_root(config.cache_dir), "reference", task, spec)
 
     def build():
@@ -153,7 +165,7 @@ def proxy_reward_model(
     """
     model = model_config(config, task)
     rm = config.reward_model
-    spec = {"task": task.name, "model": dataclasses.asdict(model), "reward_model": rm.to_dict()}
+    spec = {"task": task.name, "model": model_spec(model), "reward_model": rm.to_dict()}
     path = _stage_dir(cache_root(config.cache_dir), "reward_model", task, spec)
 
     def build():

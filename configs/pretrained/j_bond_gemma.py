@@ -15,8 +15,7 @@ jax.distributed.initialize (no arguments on TPU pods and SLURM, which JAX detect
 the coordinator, the process count and this host's index), with the mesh (data=2 across the hosts,
 fsdp=8 inside each) and a shared workdir:
 
-    python -c "import jax; jax.distributed.initialize('host0:1234', num_processes=2, process_id=$HOST_INDEX); \
-        from absl import app; from bond import main; app.run(main.main)" \
+    python -m bond.main --distributed --coordinator=host0:1234 --num_processes=2 --process_id=$HOST_INDEX \
         --config=configs/pretrained/j_bond_gemma.py --workdir=/shared/runs/j_bond_gemma \
         --config.mesh_shape='(2,8,1)' --config.pretrained.policy_path=/ckpt/gemma-2b-it \
         --config.pretrained.reward_path=/ckpt/gemma-2b-rm

@@ -19,8 +19,7 @@ Two hosts x 8 accelerators: the same command on every host, started through
 jax.distributed.initialize (no arguments on TPU pods and SLURM; elsewhere the coordinator, the
 process count and this host's index), data=2 across hosts and fsdp=8 inside each:
 
-    python -c "import jax; jax.distributed.initialize('host0:1234', num_processes=2, process_id=$HOST_INDEX); \
-        from absl import app; from bond import main; app.run(main.main)" \
+    python -m bond.main --distributed --coordinator=host0:1234 --num_processes=2 --process_id=$HOST_INDEX \
         --config=configs/pretrained/wind_llama.py --workdir=/shared/runs/wind_llama --config.mesh_shape='(2,8,1)' \
         --config.pretrained.policy_path=/ckpt/Meta-Llama-3-8B-Instruct \
         --config.pretrained.preference_path=/ckpt/llama3-8b-pair-scorer \
