@@ -27,6 +27,7 @@ RUNTIME = [
 
 TEST = [
     "pytest>=8",
+    "pytest-xdist>=3.5",
     "hypothesis>=6.100",
     "scipy>=1.12",
     # the notebooks run in the tests
@@ -39,6 +40,7 @@ TEST = [
 BENCH = [
     "torch==2.13.0",
     "transformers",
+    "trl",
 ]
 
 setup(

@@ -12,7 +12,8 @@ step), temperature 1. Timing: 1 warm-up call, then the median of 5 timed calls, 
 Prints one JSON line: workload, tokens_per_s, compile_s (and hf_tokens_per_s, ratio with --compare).
 call_s / cpu_s are the median wall and process-CPU seconds of one call: on a shared machine
 cpu_s / call_s is the number of cores the call actually got (2 at best here), so runs made under
-load (see load_average_1m) are told apart from slow code. `--op-profile K` also prints to stderr the
+load (see load_average_1m) are told apart from slow code. `--smoke` runs a tiny config (checks that the
+script runs; its numbers mean nothing). `--op-profile K` also prints to stderr the
 K most expensive XLA ops of one call (25th-percentile duration of each op over 3 profiled calls,
 times its count per call: robust to the preemptions of a shared machine).
 The workload file is found at <checkout>/../shared/bench/workload.py unless --workload is given.
@@ -24,16 +25,12 @@ import argparse
 import collections
 import glob
 import gzip
-import importlib.util
 import itertools
 import json
-import os
 import tempfile
-import statistics
-import sys
 import time
+import sys
 from pathlib import Path
-from types import ModuleType
 
 import jax
 import jax.numpy as jnp
@@ -42,30 +39,7 @@ import numpy as np
 from bond.models import config_from_gpt2, init_params
 from bond.sampling import sample
 
-DEFAULT_WORKLOAD = Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "workload.py"
-
-
-def load_workload(path: Path) -> ModuleType:
-    """Import the shared workload definition from a file path."""
-    if not path.is_file():
-        raise SystemExit(f"workload file not found: {path}; pass --workload /path/to/workload.py")
-    spec = importlib.util.spec_from_file_location("bench_workload", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def median_time(call, warmup: int, timed: int) -> tuple[float, list[float], float]:
-    """Median wall time of `timed` calls after `warmup` calls, the wall times, and the median process CPU time."""
-    for _ in range(warmup):
-        call()
-    times, cpu_times = [], []
-    for _ in range(timed):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        call()
-        times.append(time.perf_counter() - start)
-        cpu_times.append(time.process_time() - cpu_start)
-    return statistics.median(times), times, statistics.median(cpu_times)
+from common import DEFAULT_WORKLOAD, load_workload, machine, median_time, workload_and_prompts
 
 
 def op_profile(call, calls: int = 3) -> list[tuple[str, float, float]]:
@@ -139,17 +113,12 @@ def time_bond(workload: dict, prompts: np.ndarray, profile_ops: int = 0) -> dict
             "call_times_s": times, "cpu_s": cpu_seconds}
 
 
-def time_hf(workload: dict, prompts: np.ndarray, torch_threads: int | None = None) -> dict:
-    """Median throughput of HF GPT2LMHeadModel.generate on the workload.
-
-    torch uses the workload's cpu_threads unless `torch_threads` is given.
-    """
+def hf_model(workload: dict):
+    """HF transformers GPT2LMHeadModel with the workload's config, initialised from torch seed init_seed_torch."""
     import torch
     import transformers
 
-    model_spec, sampling, timing = workload["model"], workload["sampling"], workload["timing"]
-    torch_threads = torch_threads or timing["cpu_threads"]
-    torch.set_num_threads(torch_threads)
+    model_spec = workload["model"]
     torch.manual_seed(model_spec["init_seed_torch"])
     hf_config = transformers.GPT2Config(
         vocab_size=model_spec["vocab_size"],
@@ -168,10 +137,26 @@ def time_hf(workload: dict, prompts: np.ndarray, torch_threads: int | None = Non
         pad_token_id=model_spec["pad_token_id"],
         tie_word_embeddings=model_spec["tie_word_embeddings"],
     )
-    model = transformers.GPT2LMHeadModel(hf_config).eval()
+    model = transformers.GPT2LMHeadModel(hf_config)
     n_params = sum(p.numel() for p in model.parameters())
-    if n_params != model_spec["n_params"]:
+    if "n_params" in model_spec and n_params != model_spec["n_params"]:
         raise SystemExit(f"HF model has {n_params} parameters, the workload says {model_spec['n_params']}")
+    return model
+
+
+def time_hf(workload: dict, prompts: np.ndarray, torch_threads: int | None = None) -> dict:
+    """Median throughput of HF GPT2LMHeadModel.generate on the workload.
+
+    torch uses the workload's cpu_threads unless `torch_threads` is given.
+    """
+    import torch
+    import transformers
+
+    sampling, timing = workload["sampling"], workload["timing"]
+    torch_threads = torch_threads or timing["cpu_threads"]
+    torch.set_num_threads(torch_threads)
+    model_spec = workload["model"]
+    model = hf_model(workload).eval()
     n = sampling["n_per_prompt"]
     input_ids = torch.as_tensor(np.repeat(prompts, n, axis=0))
     attention_mask = torch.ones_like(input_ids)
@@ -209,13 +194,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="torch threads for --compare (default: the workload's cpu_threads)")
     parser.add_argument("--op-profile", type=int, default=0, metavar="K",
                         help="also print the K most expensive XLA ops of one sampler call to stderr")
+    parser.add_argument("--smoke", action="store_true", help="a tiny config that only checks the script runs")
     args = parser.parse_args(argv)
 
-    bench = load_workload(args.workload)
-    workload = bench.WORKLOAD
-    prompts = bench.make_prompts(workload)
-    result = {"workload": workload["name"], "backend": jax.default_backend(),
-              "load_average_1m": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count()}
+    workload, prompts = workload_and_prompts(load_workload(args.workload), args.smoke)
+    result = {"workload": workload["name"], **machine()}
     result.update(time_bond(workload, prompts, args.op_profile))
     if args.compare:
         try:

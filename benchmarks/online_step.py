@@ -1,0 +1,473 @@
+"""One online step per algorithm on the shared workload (bon_gpt2_tiny_v1): seconds per step and its phases.
+
+The step is bond's own (`bond.train.compile_train_step`, what `bond.train.run` calls every step) on a
+Setup built for the workload: the GPT-2-shaped model (4 layers, d 256, vocab 512, float32, random
+weights; the reference is the initial policy), the 16 x 16 prompts of `make_prompts()`, 4 policy
+samples per prompt (plus each algorithm's other planned samples), exactly 32 new tokens (EOS masked
+at every step), temperature 1, the even-token reward (fraction of even ids among the 32 response
+ids), Adam(lr 1e-5) = AdamW without weight decay, global-norm clipping at 1.0.
+
+    python benchmarks/online_step.py                       # rloo (registered as 'reinforce', KL β 0.05), j_bond, wind
+    python benchmarks/online_step.py --algorithms=rloo     # a subset
+    python benchmarks/online_step.py --compare             # also TRL's RLOOTrainer and HF generate
+                                                           # (the 'bench' extra: torch, transformers, trl)
+    python benchmarks/online_step.py --smoke               # a tiny config: checks that the script runs
+
+Prints one JSON line per algorithm (keys in benchmarks/README.md); with --compare, one more line for
+the sampler against HF generate, and the rloo line carries TRL's seconds per step and the ratio.
+Timing: the first call compiles; then 2 warm-up steps and the median of 5 timed steps, each ended by
+block_until_ready. Phases are timed as separate jitted programs on the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from bond import algorithms, sharding, train
+from bond.algorithms import LossInputs, Samples
+from bond.config_base import base_config
+from bond.models import TransformerConfig, config_from_gpt2, init_params, sequence_logprobs
+from bond.sampling import sample
+from bond.tasks import Prompts, Task
+
+from common import (
+    DEFAULT_WORKLOAD,
+    CompileLog,
+    load_workload,
+    machine,
+    matmul_peak_gflops,
+    median_time,
+    peak_rss_mb,
+    workload_and_prompts,
+)
+
+# Benchmark name -> registered algorithm. RLOO is bond's 'reinforce' (leave-one-out baseline, KL in the return).
+ALGORITHMS = {"rloo": "reinforce", "j_bond": "j_bond", "wind": "wind"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The workload as a bond Task, config and Setup
+
+
+def even_token_reward(prompt_length: int):
+    """r(x, y) = fraction of even ids among the counted response tokens (the workload's reward)."""
+
+    def reward(tokens: jax.Array, response_mask: jax.Array) -> jax.Array:
+        response = jnp.asarray(tokens)[..., prompt_length:]
+        counted = jnp.asarray(response_mask, jnp.float32)[..., prompt_length:]
+        even = (response % 2 == 0).astype(jnp.float32)
+        return jnp.sum(even * counted, axis=-1) / jnp.maximum(jnp.sum(counted, axis=-1), 1.0)
+
+    return reward
+
+
+def _not_used(what: str):
+    def fail(*_):
+        raise NotImplementedError(f"the benchmark task has no {what}")
+
+    return fail
+
+
+def workload_task(workload: dict, prompts: np.ndarray) -> Task:
+    """The workload as a Task: its prompts (every split), its length, the even-token reward."""
+    p, s = workload["prompts"], workload["sampling"]
+    tokens = np.asarray(prompts, np.int32)
+
+    def task_prompts(split: str, num: int, seed: int) -> Prompts:
+        rows = tokens[np.arange(num) % len(tokens)]
+        return Prompts(rows, np.ones_like(rows))
+
+    return Task(
+        name=workload["name"],
+        vocab_size=workload["model"]["vocab_size"],
+        prompt_length=p["length"],
+        max_response_length=s["max_new_tokens"],
+        prompts=task_prompts,
+        pretraining_corpus=_not_used("pretraining corpus"),
+        reward=even_token_reward(p["length"]),
+        generative_logprob=_not_used("generative process"),
+        eos_id=workload["model"]["eos_token_id"],
+    )
+
+
+def workload_config(workload: dict, algorithm: str) -> ml_collections.ConfigDict:
+    """bond's base config with the workload's step: batch, samples per prompt, β, optimizer, clipping."""
+    c = base_config()
+    c.algorithm = algorithm
+    c.batch_size = workload["update"]["prompts_per_step"]
+    c.learning_rate = 1e-5
+    c.grad_clip = workload["update"]["max_grad_norm"]
+    c.temperature = workload["sampling"]["temperature"]
+    c.top_k = workload["sampling"]["top_k"]
+    c.top_p = workload["sampling"]["top_p"]
+    c.algo.num_samples = workload["sampling"]["n_per_prompt"]
+    c.algo.kl_coef = workload["update"]["kl_beta"]
+    c.num_devices = 1
+    c.mesh_shape = (1, 1, 1)
+    return c
+
+
+def workload_setup(workload: dict, prompts: np.ndarray, algorithm: str) -> train.Setup:
+    """A train.Setup for the workload on one device (what make_setup builds for a built-in task)."""
+    config = workload_config(workload, algorithm)
+    task = workload_task(workload, prompts)
+    algo = algorithms.get_algorithm(algorithm)
+
+    def reward_fn(judge_params, tokens, attention_mask, response_mask):
+        return task.reward(tokens, response_mask)
+
+    return train.Setup(
+        config=ml_collections.FrozenConfigDict(config),
+        task=task,
+        model=config_from_gpt2(workload["model"]),
+        algorithm=algo,
+        plan=algo.plan(config.algo),
+        anchor_kind=train.anchor_kind(config, algo),
+        reward_fn=reward_fn,
+        eval_reward_fn=reward_fn,
+        mesh=sharding.make_mesh(config.mesh_shape, devices=jax.devices()[:1]),
+    )
+
+
+@contextlib.contextmanager
+def exact_length_responses(min_new_tokens: int):
+    """While active, the train step's sampler masks EOS for the first `min_new_tokens` tokens.
+
+    The workload fixes every response at exactly max_new_tokens tokens; bond.train._draw has no
+    min_new_tokens option, so its `sample` is wrapped for as long as the step is traced and run.
+    """
+    original = train.sample
+    train.sample = functools.partial(original, min_new_tokens=min_new_tokens)
+    try:
+        yield
+    finally:
+        train.sample = original
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def matmul_params(model: TransformerConfig) -> int:
+    """Parameters that take part in a matmul per token: the blocks' weight matrices and the output
+    projection (V·d, the tied embedding); biases, LayerNorms and position embeddings excluded."""
+    d = model.d_model
+    return model.num_layers * (4 * d * d + 2 * d * model.d_ff) + model.vocab_size * d
+
+
+def train_flops(model: TransformerConfig, sequences: int, length: int) -> float:
+    """Forward + backward FLOPs of `sequences` rows of `length` tokens: per token 6·N + 12·L·d·T
+    (PaLM, Chowdhery et al. 2022, App. B; N = matmul_params, the attention term for the full T x T
+    scores the implementation computes)."""
+    per_token = 6 * matmul_params(model) + 12 * model.num_layers * model.d_model * length
+    return float(per_token * sequences * length)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases, each its own jitted program
+
+
+def phase_functions(setup: train.Setup, min_new_tokens: int):
+    """(sample, score, logprobs, update) as jitted functions of the step's inputs; see the README."""
+    c, plan, model = setup.config, setup.plan, setup.model
+    optimizer = train.make_optimizer(c)
+    plain = c.temperature == 1.0 and c.top_k == 0 and c.top_p == 1.0
+    options = dict(max_new_tokens=setup.task.max_response_length, temperature=c.temperature, top_k=c.top_k,
+                   top_p=c.top_p, eos_id=setup.task.eos_id, min_new_tokens=min_new_tokens)
+
+    @jax.jit
+    def sample_phase(params, anchor_params, prompts, prompt_mask, key):
+        k_policy, k_anchor = jax.random.split(key)
+        policy = sample(model, params, prompts, prompt_mask, k_policy, num_samples=plan.policy, **options)
+        anchor = (sample(model, anchor_params, prompts, prompt_mask, k_anchor, num_samples=plan.anchor, **options)
+                  if plan.anchor else None)
+        return policy, anchor
+
+    @jax.jit
+    def score_phase(drawn):
+        def score(out):
+            b, s, t = out.tokens.shape
+            flat = lambda x: x.reshape(b * s, t)
+            rewards = setup.reward_fn(setup.judge_params, flat(out.tokens), flat(out.attention_mask),
+                                      flat(out.response_mask))
+            return rewards.reshape(b, s)
+
+        return jax.tree.map(score, drawn, is_leaf=lambda x: hasattr(x, "tokens"))
+
+    @jax.jit
+    def logprobs_phase(ref_params, anchor_params, drawn):
+        """The log-prob passes without gradient that train._draw makes (the sampler's own are reused)."""
+        def under(params, out, is_source):
+            if params is None:
+                return jnp.zeros(out.tokens.shape[:2])
+            if is_source and plain:
+                return out.logprobs.sum(-1)
+            return sequence_logprobs(params, out.tokens, out.response_mask, model=model,
+                                     attention_mask=out.attention_mask)[1]
+
+        policy, anchor = drawn
+        result = {"policy": (under(ref_params, policy, False), under(anchor_params, policy, False))}
+        if anchor is not None:
+            result["anchor"] = (under(ref_params, anchor, False), under(anchor_params, anchor, True))
+        return result
+
+    sequences_seen = []
+
+    @jax.jit
+    def update_phase(params, opt_state, policy: Samples, anchor, hp, key):
+        """Loss, its gradient through the policy's log-probs, Adam with clipping: train.make_train_step's update."""
+        sequences_seen.clear()
+        inputs = LossInputs(None, policy, anchor, None, hp, c.algo, key)
+
+        def loss_fn(p):
+            def policy_logp(s: Samples) -> jax.Array:
+                sequences_seen.append(s.tokens.shape)
+                return sequence_logprobs(p, s.tokens, s.response_mask, model=model, attention_mask=s.attention_mask)[1]
+
+            return setup.algorithm.loss(inputs._replace(policy_logp=policy_logp))
+
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        lr = hp["learning_rate"] * hp["lr_scale"]
+        return jax.tree.map(lambda p, u: p - lr * u, params, updates), opt_state, loss
+
+    return sample_phase, score_phase, logprobs_phase, update_phase, sequences_seen
+
+
+def as_samples(out, rewards, logps) -> Samples:
+    ref_logp, anchor_logp = logps
+    return Samples(out.tokens, out.attention_mask, out.response_mask, rewards, out.logprobs.sum(-1), ref_logp,
+                   anchor_logp)
+
+
+# ---------------------------------------------------------------------------------------------
+# One algorithm
+
+
+def time_algorithm(workload: dict, prompts: np.ndarray, name: str, peak_gflops: tuple[float, float]) -> dict:
+    """The JSON line of one algorithm: the fused step, its phases, compile time, recompiles, memory, MFU."""
+    timing, sampling = workload["timing"], workload["sampling"]
+    warmup, timed = timing["step_warmup_steps"], timing["step_timed_steps"]
+    setup = workload_setup(workload, prompts, ALGORITHMS[name])
+    length = sampling["max_new_tokens"]
+    batch = setup.config.batch_size
+    ref_params = init_params(setup.model, jax.random.key(0))
+    state = train.init_state(setup, ref_params)
+    shardings = train.state_shardings(setup, state)
+    state = jax.device_put(state, shardings)
+    ref_params = jax.device_put(ref_params, shardings.params)
+    hp = train.hparams(setup.config)
+    seed_key = jax.random.PRNGKey(0)
+    prompt_tokens = np.asarray(prompts, np.int32)
+    prompt_mask = np.ones_like(prompt_tokens)
+    rows = np.arange(batch)
+    result = {"algorithm": name, "registered_as": ALGORITHMS[name], "workload": workload["name"],
+              "prompts": batch, "samples_per_prompt": {"policy": setup.plan.policy, "anchor": setup.plan.anchor,
+                                                       "reference": setup.plan.reference},
+              "new_tokens_per_step": batch * (setup.plan.policy + setup.plan.anchor + setup.plan.reference) * length}
+
+    with exact_length_responses(sampling["min_new_tokens"]):
+        step = train.compile_train_step(setup, state, ref_params)
+
+        def call():
+            nonlocal state
+            state, metrics = step(state, ref_params, prompt_tokens, prompt_mask, rows, hp, seed_key, None,
+                                  setup.judge_params)
+            jax.block_until_ready((state, metrics))
+            return metrics
+
+        start = time.perf_counter()
+        with CompileLog() as first:
+            metrics = call()
+        result["first_call_s"] = time.perf_counter() - start
+        result["compile_s"] = first.seconds
+        mean_length = float(metrics.get("policy_length", length))
+        if mean_length != length:
+            raise SystemExit(f"{name}: policy responses average {mean_length} tokens, the workload asks for {length}")
+        with CompileLog() as steady:
+            seconds, times, cpu_seconds = median_time(call, warmup, timed)
+        result.update(s_per_step=seconds, prompts_per_s=batch / seconds,
+                      tokens_per_s=result["new_tokens_per_step"] / seconds, step_times_s=times,
+                      call_s=seconds, cpu_s=cpu_seconds, recompiles=steady.compiles)
+
+        # Phases on the same inputs (the final state's parameters).
+        sample_phase, score_phase, logprobs_phase, update_phase, sequences_seen = phase_functions(
+            setup, sampling["min_new_tokens"])
+        params, anchor_params, opt_state = state.params, state.anchor_params, state.opt_state
+        key = jax.random.key(1)
+        prompts_dev = jnp.asarray(prompt_tokens)
+        mask_dev = jnp.asarray(prompt_mask)
+        drawn = sample_phase(params, anchor_params, prompts_dev, mask_dev, key)
+        rewards = score_phase(drawn)
+        logps = logprobs_phase(ref_params, anchor_params, drawn)
+        policy = as_samples(drawn[0], rewards[0], logps["policy"])
+        anchor = as_samples(drawn[1], rewards[1], logps["anchor"]) if drawn[1] is not None else None
+        update_args = (params, opt_state, policy, anchor, hp, jax.random.key(2))
+        jax.block_until_ready(update_phase(*update_args))
+        calls = {
+            "sample": lambda: sample_phase(params, anchor_params, prompts_dev, mask_dev, key),
+            "score": lambda: score_phase(drawn),
+            "logprobs": lambda: logprobs_phase(ref_params, anchor_params, drawn),
+            "update": lambda: update_phase(*update_args),
+        }
+        timings = {phase: median_time(lambda f=f: jax.block_until_ready(f()), warmup, timed)
+                   for phase, f in calls.items()}
+
+    phases = {phase: t[0] for phase, t in timings.items()}
+    result["phases"] = phases
+    result["phases_cpu_s"] = {phase: t[2] for phase, t in timings.items()}
+    result["phases_sum_s"] = sum(phases.values())
+    update_sequences = sum(int(np.prod(shape[:-1])) for shape in sequences_seen)
+    sequence_length = prompt_tokens.shape[1] + length
+    flops = train_flops(setup.model, update_sequences, sequence_length)
+    peak_wall, peak_cpu = peak_gflops
+    update_cpu_s = result["phases_cpu_s"]["update"]
+    result.update(
+        update_sequences=update_sequences,
+        update_gflop=flops / 1e9,
+        update_gflops=flops / phases["update"] / 1e9,
+        matmul_peak_gflops=peak_wall,
+        update_mfu=flops / phases["update"] / 1e9 / peak_wall,
+        update_gflop_per_cpu_s=flops / update_cpu_s / 1e9,
+        matmul_peak_gflop_per_cpu_s=peak_cpu,
+        update_mfu_cpu=flops / update_cpu_s / 1e9 / peak_cpu,
+        peak_rss_mb=peak_rss_mb(),
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# --compare: TRL's RLOOTrainer and HF generate on the same workload
+
+
+def time_trl(workload: dict, prompts: np.ndarray) -> dict:
+    """Median seconds per optimizer step of TRL's RLOOTrainer on the workload (see the README for the match)."""
+    import tempfile
+
+    import torch
+    import transformers
+    import trl
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+
+    from sampler import hf_model
+
+    model_spec, sampling, update, timing = (workload[k] for k in ("model", "sampling", "update", "timing"))
+    torch.set_num_threads(timing["cpu_threads"])
+    n = sampling["n_per_prompt"]
+    eos = model_spec["eos_token_id"]
+    # A word-level tokenizer whose words are the token ids: prompt text "t435 t326 ..." encodes back
+    # to exactly the workload's ids; id 0 is EOS/PAD.
+    vocab = {"<eos>": eos, **{f"t{i}": i for i in range(model_spec["vocab_size"]) if i != eos}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece()  # joins words with spaces
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", pad_token="<eos>",
+                                                     bos_token="<eos>")
+    texts = [" ".join(f"t{int(i)}" for i in row) for row in prompts]
+    if tokenizer(texts[0], add_special_tokens=False)["input_ids"] != [int(i) for i in prompts[0]]:
+        raise SystemExit("the word-level tokenizer does not reproduce the workload's prompt ids")
+
+    def even_reward(prompts, completions, completion_ids, **_):
+        return [sum(1 for t in ids if int(t) % 2 == 0) / max(len(ids), 1) for ids in completion_ids]
+
+    step_ends: list[tuple[float, float]] = []  # (wall, process CPU) clock at the end of each step
+
+    class StepClock(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, **_):
+            step_ends.append((time.perf_counter(), time.process_time()))
+
+        def on_step_end(self, args, state, control, **_):
+            step_ends.append((time.perf_counter(), time.process_time()))
+
+    steps = timing["step_warmup_steps"] + timing["step_timed_steps"]
+    with tempfile.TemporaryDirectory() as tmp:
+        # TRL builds its frozen reference by loading the policy's checkpoint again: save the policy first.
+        hf_model(workload).save_pretrained(f"{tmp}/policy")
+        tokenizer.save_pretrained(f"{tmp}/policy")
+        args = trl.RLOOConfig(
+            output_dir=f"{tmp}/out", use_cpu=True, report_to="none", save_strategy="no", logging_steps=10_000,
+            disable_tqdm=True, seed=0, max_steps=steps,
+            per_device_train_batch_size=update["completions_per_step"], gradient_accumulation_steps=1,
+            num_generations=n, steps_per_generation=1, num_iterations=1,
+            max_completion_length=sampling["max_new_tokens"],
+            generation_kwargs={"min_new_tokens": sampling["min_new_tokens"]},
+            temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"],
+            beta=update["kl_beta"], learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0,
+            weight_decay=0.0, max_grad_norm=update["max_grad_norm"], optim="adamw_torch", gradient_checkpointing=False,
+            adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+        )
+        trainer = trl.RLOOTrainer(
+            model=f"{tmp}/policy", reward_funcs=even_reward, args=args,
+            train_dataset=Dataset.from_dict({"prompt": texts}), processing_class=tokenizer, callbacks=[StepClock()],
+        )
+        with contextlib.redirect_stdout(sys.stderr):  # the trainer prints its logs: stdout carries JSON lines only
+            trainer.train()
+    durations = np.diff(np.asarray(step_ends), axis=0)[timing["step_warmup_steps"]:]
+    return {"trl_s_per_step": float(np.median(durations[:, 0])), "trl_step_times_s": durations[:, 0].tolist(),
+            "trl_cpu_s": float(np.median(durations[:, 1])),
+            "trl": trl.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch_threads": torch.get_num_threads()}
+
+
+def compare_sampler(workload: dict, prompts: np.ndarray) -> dict:
+    """The sampler benchmark's bond and HF generate timings (benchmarks/sampler.py), in this process."""
+    from sampler import time_bond, time_hf
+
+    result = {"benchmark": "sampler", "workload": workload["name"], **machine()}
+    result.update(time_bond(workload, prompts))
+    result.update(time_hf(workload, prompts))
+    result["ratio"] = result["tokens_per_s"] / result["hf_tokens_per_s"]
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", type=Path, default=DEFAULT_WORKLOAD, help="path to shared/bench/workload.py")
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS),
+                        help=f"comma-separated subset of {sorted(ALGORITHMS)}")
+    parser.add_argument("--compare", action="store_true", help="also time TRL's RLOOTrainer and HF generate")
+    parser.add_argument("--smoke", action="store_true", help="a tiny config that only checks the script runs")
+    args = parser.parse_args(argv)
+    names = [a for a in args.algorithms.split(",") if a]
+    unknown = sorted(set(names) - set(ALGORITHMS))
+    if unknown or not names:
+        raise SystemExit(f"--algorithms: unknown {unknown}; choose from {sorted(ALGORITHMS)}")
+    if args.compare:
+        try:
+            import torch, transformers, trl  # noqa: F401
+        except ImportError as error:
+            raise SystemExit(f"--compare needs torch, transformers and trl (pip install -e '.[bench]'): {error}")
+
+    workload, prompts = workload_and_prompts(load_workload(args.workload), args.smoke)
+    if workload["dtype"] != "float32":
+        raise SystemExit(f"this benchmark runs float32 only, the workload asks for {workload['dtype']}")
+    peak = matmul_peak_gflops(size=256 if args.smoke else 1024, reps=2 if args.smoke else 20)
+    trl_result = time_trl(workload, prompts) if args.compare and "rloo" in names else None
+    for name in names:
+        result = {**time_algorithm(workload, prompts, name, peak), **machine()}
+        if name == "rloo" and trl_result is not None:
+            result.update(trl_result)
+            result["trl_ratio"] = trl_result["trl_s_per_step"] / result["s_per_step"]
+            result["trl_cpu_ratio"] = trl_result["trl_cpu_s"] / result["cpu_s"]
+        print(json.dumps(result), flush=True)
+    if args.compare:
+        print(json.dumps(compare_sampler(workload, prompts)), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
