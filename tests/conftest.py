@@ -9,3 +9,13 @@ import os
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+
+# Test files that run for minutes go first, so that under `pytest -n 2` (pytest.ini) the other
+# worker works through the rest meanwhile instead of waiting for them at the end.
+LONG_RUNNING_FILES = ("test_experiments.py", "test_train.py", "test_notebooks.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_RUNNING_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

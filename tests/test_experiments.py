@@ -2,7 +2,8 @@
 
 One subprocess runs all eleven quick modes (their budget is about 20 s each on two cores) with a
 fresh stage cache, on the machine's real device count (the test session's eight fake devices
-would only slow it). Each experiment's record then goes through that experiment's own `check`:
+would only slow it), and with JAX's persistent compilation cache on, so that the programs several
+experiments share (the exact evaluator, samplers of the same shapes) compile once. Each experiment's record then goes through that experiment's own `check`:
 the invariants that hold at any budget (exact KL under its bound, probabilities summing to one,
 curves of the expected length, every number finite), not the papers' claims, which the full runs
 report whether they agree or not.
@@ -25,7 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("experiments")
-    env = dict(os.environ, BOND_CACHE=str(out / "cache"), MPLBACKEND="Agg")
+    env = dict(
+        os.environ, BOND_CACHE=str(out / "cache"), MPLBACKEND="Agg",
+        JAX_COMPILATION_CACHE_DIR=str(out / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2",
+    )
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
     result = subprocess.run(
         [sys.executable, "-m", "experiments.all", "--quick", "--out", str(out / "results")],
