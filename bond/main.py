@@ -9,7 +9,9 @@
 
 With `--distributed`, `jax.distributed.initialize` joins this process to the others before
 anything else touches JAX (without --coordinator it detects the cluster, as on TPU pods and SLURM);
-every host runs the same command with its own --process_id and a workdir all hosts share.
+every host runs the same command with its own --process_id, and the workdir and cache_dir must be
+on a file system all hosts share (process 0 writes the stage caches, metrics and summary; the
+checkpoints are written collectively).
 
 A config file defines `get_config(arg)`; `--config.<field>=<value>` overrides any field. The run
 pretrains (or loads) the reference, trains, evaluates against the reference, writes

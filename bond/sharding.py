@@ -284,6 +284,39 @@ def device_put_global(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(put, tree, shardings)
 
 
+def place(tree: Any, shardings: Any) -> Any:
+    """`tree` on `shardings` (a matching pytree or one sharding), from values every process holds in full.
+
+    With one process this is `jax.device_put`; with several, `device_put_global` (a host copy,
+    each process filling its own devices), since `jax.device_put` cannot reach other processes'
+    devices.
+    """
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, tree)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return device_put_global(tree, shardings)
+
+
+def process_local(tree: Any) -> Any:
+    """`tree` in full on this process: unchanged with one process; with several, each array
+    gathered from all processes (`process_allgather`, tiled) into host numpy arrays, so that
+    process-local code (e.g. an evaluation outside jit) can use it. Every process must call it."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True), tree)
+
+
+def sync_processes(name: str) -> None:
+    """A barrier across all processes (a no-op with one); `name` identifies it in errors."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Jit
 

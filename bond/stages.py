@@ -24,6 +24,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from bond import sharding
 from bond.models import (
     TransformerConfig,
     bradley_terry_loss,
@@ -72,14 +73,61 @@ def _stage_dir(root: Path, stage: str, task: Task, spec: dict) -> Path:
 
 
 def _cached(path: Path, spec: dict, build: Callable[[], Any], abstract: Any) -> Any:
-    """Loads the params at `path` onto the shapes of `abstract`, or builds, saves (atomically) and returns them."""
-    if (path / "spec.json").exists():
-        return ocp.StandardCheckpointer().restore(path / "params", abstract)
+    """Loads the params at `path` onto the shapes of `abstract`, or builds, saves (atomically) and returns them.
+
+    With several processes (jax.distributed) every process builds the same deterministic stage on
+    its own first device, only process 0 writes it, and the others wait at a barrier and load
+    process 0's copy, so that all hold identical parameters. This assumes `path` is on a file
+    system all processes share. The parameters returned are local to this process (its first
+    device), not arrays across processes.
+    """
+    if _on_process_zero_exists(path / "spec.json"):
+        return _restore_local(path / "params", abstract)
     params = build()
+    if jax.process_index() == 0:
+        _save_local(path, spec, params)
+    if jax.process_count() > 1:
+        sharding.sync_processes(f"bond.stages:{path}")
+        if jax.process_index() != 0:
+            params = _restore_local(path / "params", abstract)
+    return params
+
+
+def _on_process_zero_exists(path: Path) -> bool:
+    """Whether `path` exists as process 0 sees it, so that all processes take the same branch."""
+    exists = path.exists()
+    if jax.process_count() == 1:
+        return exists
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(exists, np.int32)))
+
+
+def _local_checkpointer() -> ocp.StandardCheckpointer:
+    """An orbax checkpointer that involves only this process (no barriers with the others)."""
+    me = jax.process_index()
+    options = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.StandardCheckpointer(multiprocessing_options=options)
+
+
+def _restore_local(path: Path, abstract: Any) -> Any:
+    """The params saved at `path`, on this process's first device."""
+    if jax.process_count() == 1:
+        return ocp.StandardCheckpointer().restore(path, abstract)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    return _local_checkpointer().restore(path, target)
+
+
+def _save_local(path: Path, spec: dict, params: Any) -> None:
+    """Writes `params` and `spec.json` to a temporary folder, then renames it to `path` (unless it appeared)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
     try:
-        checkpointer = ocp.StandardCheckpointer()
+        if jax.process_count() == 1:
+            checkpointer = ocp.StandardCheckpointer()
+        else:  # orbax refuses process-local jax.Arrays with several processes; host copies are the same values
+            checkpointer, params = _local_checkpointer(), jax.device_get(params)
         checkpointer.save(tmp / "params", params)
         checkpointer.wait_until_finished()
         (tmp / "spec.json").write_text(json.dumps(spec, indent=1, sort_keys=True, default=str))
@@ -90,7 +138,6 @@ def _cached(path: Path, spec: dict, build: Callable[[], Any], abstract: Any) -> 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return params
 
 
 def _adam_steps(loss_fn, params, batches, learning_rate: float, steps: int, log: Callable[[str], None], what: str):

@@ -181,8 +181,11 @@ def _mesh_sharding(x, mesh):
 
 
 def _on_mesh(tree, mesh):
-    """`tree` placed on `mesh`: leaves already there stay, the others are replicated."""
-    return jax.tree.map(lambda x: jax.device_put(x, _mesh_sharding(x, mesh)), tree)
+    """`tree` placed on `mesh`: leaves already there stay, the others (held in full by every process) are replicated."""
+    return jax.tree.map(
+        lambda x: x if _mesh_sharding(x, mesh) is getattr(x, "sharding", None) else sharding.place(x, sharding.replicated(mesh)),
+        tree,
+    )
 
 
 def train_prompt_source(setup: Setup):
@@ -365,8 +368,11 @@ def build_reference_cache(setup: Setup, ref_params, prompt_source, key: jax.Arra
     """plan.reference samples of π_ref for every train prompt, scored: Samples with [N, k, ...] leaves.
 
     Drawn once, deterministically from `key` (so a resumed run rebuilds the same cache), in
-    chunks of `chunk` prompts through the same compiled sampler the step uses.
+    chunks of `chunk` prompts through the same compiled sampler the step uses. With several
+    processes pass process-local `ref_params` (`sharding.process_local`): every process draws the
+    whole cache itself, identically.
     """
+    judge_params = sharding.process_local(setup.judge_params)
     num = len(prompt_source)
     parts = []
     for start in range(0, num, chunk):
@@ -374,7 +380,7 @@ def build_reference_cache(setup: Setup, ref_params, prompt_source, key: jax.Arra
         batch = read_prompt_batch(prompt_source, start, size)
         parts.append(
             _draw(setup, ref_params, jnp.asarray(batch.tokens), jnp.asarray(batch.mask), jax.random.fold_in(key, start),
-                  setup.plan.reference, {"reference": ref_params}, "reference", setup.judge_params)
+                  setup.plan.reference, {"reference": ref_params}, "reference", judge_params)
         )
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
@@ -391,10 +397,14 @@ class Evaluator:
     log-quantile E_π[log p_le] and the BoN KLs for config.eval.bon_ns. Otherwise by sampling config.eval.num_samples responses per prompt
     from the policy and the reference: reward, a Monte-Carlo KL(π‖π_ref), win rate against the
     reference samples and the policy samples' log-quantile among them.
+
+    It runs outside jit on arrays this process holds in full: with several processes pass it
+    `sharding.process_local(params)` (every process then computes the same metrics).
     """
 
     def __init__(self, setup: Setup, ref_params, key: jax.Array):
         self.setup = setup
+        self.judge_params = sharding.process_local(setup.judge_params)
         c = setup.config
         task = setup.task
         prompts = task.prompts("eval", c.eval.num_prompts, c.seed)
@@ -426,7 +436,7 @@ class Evaluator:
             [jnp.broadcast_to(self.prompt_mask[:, None], (b, m, p)).astype(jnp.float32), response[..., p:]], -1
         )
         flat = lambda x: x.reshape(b * m, p + length)
-        return reward_fn(self.setup.judge_params, flat(tokens), flat(attention), flat(response)).reshape(b, m)
+        return reward_fn(self.judge_params, flat(tokens), flat(attention), flat(response)).reshape(b, m)
 
     def __call__(self, params) -> dict[str, float]:
         if self.exact:
@@ -441,7 +451,7 @@ class Evaluator:
         c = self.setup.config
         k_policy, k_ref = jax.random.split(self.key)
         logp_params = {"reference": self.ref_params}
-        judge_params = self.setup.judge_params
+        judge_params = self.judge_params
         policy = _draw(self.setup, params, self.prompts, self.prompt_mask, k_policy, c.eval.num_samples,
                        logp_params, "policy", judge_params)
         ref = _draw(self.setup, self.ref_params, self.prompts, self.prompt_mask, k_ref, c.eval.num_samples,
@@ -473,17 +483,23 @@ class Evaluator:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[str], None] = print) -> dict:
-    """Trains `config` into `workdir`, resuming from its last checkpoint; returns the summary dict."""
+    """Trains `config` into `workdir`, resuming from its last checkpoint; returns the summary dict.
+
+    Under jax.distributed every process calls it with the same config and a `workdir` on a file
+    system all processes share: the mesh spans all devices, each process feeds its rows of each
+    batch, orbax writes the checkpoints collectively, and only process 0 writes the other files.
+    """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     setup, ref_params = make_setup(config, log)
     c = setup.config
-    (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
 
     state = init_state(setup, ref_params)
     shardings = state_shardings(setup, state)
-    state = jax.device_put(state, shardings)
-    ref_params = jax.device_put(ref_params, shardings.params)
+    state = sharding.place(state, shardings)
+    ref_params = sharding.place(ref_params, shardings.params)
     checkpointer = Checkpointer(workdir / "checkpoints", save_every=c.checkpoint.every, keep=c.checkpoint.keep)
     writer = MetricWriter(workdir)
     start = checkpointer.latest_step()
@@ -493,19 +509,24 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
     start = int(start or 0)
     writer.truncate_after(start)  # lines a killed run wrote after its last checkpoint
 
-    seed_key = jax.random.PRNGKey(c.seed)
-    hp = hparams(c)
+    replicated = sharding.replicated(setup.mesh)
+    seed_key = sharding.place(jax.random.PRNGKey(c.seed), replicated)
+    hp = sharding.place(hparams(c), replicated)
     train_step = compile_train_step(setup, state, ref_params)
-    prompt_source = train_prompt_source(setup)
+    prompt_source = _first_on_process_zero(lambda: train_prompt_source(setup), "bond.train:prompts")
+    batch_sh = sharding.batch_sharding(setup.mesh)
+    local_rows = sharding.local_batch_rows(batch_sh, c.batch_size)
+    local_ref_params = sharding.process_local(ref_params)
     ref_cache = None
     if uses_reference_cache(setup):
-        ref_cache = build_reference_cache(setup, ref_params, prompt_source, reference_cache_key(c.seed))
-    evaluator = Evaluator(setup, ref_params, eval_key(c.seed))
+        ref_cache = build_reference_cache(setup, local_ref_params, prompt_source, reference_cache_key(c.seed))
+        ref_cache = sharding.place(ref_cache, replicated)
+    evaluator = Evaluator(setup, local_ref_params, eval_key(c.seed))
     stop = install_sigterm_handler()
     progress = Progress(c.steps)
 
     def evaluate(step: int) -> dict:
-        metrics = {f"eval/{k}": v for k, v in evaluator(state.params).items()}
+        metrics = {f"eval/{k}": v for k, v in evaluator(sharding.process_local(state.params)).items()}
         writer.write(step, metrics)
         return metrics
 
@@ -522,8 +543,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
                 return {"stopped_at": step}
             batch = read_prompt_batch(prompt_source, step * c.batch_size, c.batch_size)
             rows = (step * c.batch_size + np.arange(c.batch_size)) % len(prompt_source)
+            tokens, mask, rows = sharding.host_local_to_global(
+                (batch.tokens[local_rows], batch.mask[local_rows], rows[local_rows]), batch_sh
+            )
             state, metrics = train_step(
-                state, ref_params, batch.tokens, batch.mask, rows, hp, seed_key, ref_cache, setup.judge_params
+                state, ref_params, tokens, mask, rows, hp, seed_key, ref_cache, setup.judge_params
             )
             step += 1
             if step % c.log_every == 0 or step == c.steps:
@@ -543,20 +567,32 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
         writer.close()
         stop.close()
 
+    sharding.sync_processes("bond.train:finished")  # metrics.jsonl is complete for every process
     return finish_run(workdir, c)
 
 
+def _first_on_process_zero(make: Callable[[], Any], name: str) -> Any:
+    """make() on process 0, then (after a barrier) on the others: for steps that fill a shared cache."""
+    first = jax.process_index() == 0
+    result = make() if first else None
+    sharding.sync_processes(name)
+    return result if first else make()
+
+
 def finish_run(workdir: Path, config) -> dict:
-    """Writes summary.json (the first and last evaluation, read from metrics.jsonl) and the plots; returns the summary."""
+    """Writes summary.json (the first and last evaluation, read from metrics.jsonl) and the plots; returns the summary.
+
+    Every process returns the summary; only process 0 writes files."""
     evals = [r for r in read_metrics(Path(workdir) / "metrics.jsonl") if any(k.startswith("eval/") for k in r)]
     pick = lambda row: {k: v for k, v in row.items() if k.startswith("eval/")}
     summary = {
         "steps": config.steps, "algorithm": config.algorithm, "task": config.task,
         "before": pick(evals[0]) if evals else {}, "after": pick(evals[-1]) if evals else {},
     }
-    (Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=1))
-    if config.plots:
-        plot_run(workdir)
+    if jax.process_index() == 0:
+        (Path(workdir) / "summary.json").write_text(json.dumps(summary, indent=1))
+        if config.plots:
+            plot_run(workdir)
     return summary
 
 

@@ -1,14 +1,22 @@
-"""Test setup: eight fake CPU devices, so sharding tests can build real meshes.
+"""Test setup: eight fake CPU devices, so sharding tests can build real meshes, and one
+persistent compilation cache for the session.
 
 The flag must be set before jax is first imported; unsharded computations still run on
-device 0 exactly as on a one-device machine.
+device 0 exactly as on a one-device machine. Compiling dominates this suite's time and many
+tests (and the processes they launch, which inherit the environment) compile the same programs,
+so JAX's persistent compilation cache is shared by the test workers and their subprocesses. It
+is keyed by the program and the compiler flags, so a hit gives the program a miss would build.
 """
 
 import os
+import tempfile
+from pathlib import Path
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "bond-tests-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 
 
 # Test files that run for minutes go first, so that under `pytest -n 2` (pytest.ini) the other
