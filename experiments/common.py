@@ -117,6 +117,20 @@ def final(history: Sequence[dict], key: str) -> float:
     return float(series(history, key)[1][-1])
 
 
+def check_run_curves(runs: Mapping[str, Mapping[str, Any]], expected: set[str], points: int) -> None:
+    """Asserts that `runs` (label → {"steps", "reward", "kl_policy_ref": curves}) has exactly the
+    `expected` labels, each curve `points` finite values, KL(π‖π_ref) ≥ 0 and 0 at the first
+    evaluation (every run starts at π_ref)."""
+    assert set(runs) == expected, f"runs {sorted(runs)} != {sorted(expected)}"
+    for label, run_ in runs.items():
+        for key in ("steps", "reward", "kl_policy_ref"):
+            values = np.asarray(run_[key], float)
+            assert values.shape == (points,), f"{label}.{key} has {values.shape} points, expected {points}"
+            assert np.all(np.isfinite(values)), f"{label}.{key} is not finite"
+        assert np.all(np.asarray(run_["kl_policy_ref"]) >= -1e-4), f"{label}: KL(π‖π_ref) < 0"
+        assert abs(run_["kl_policy_ref"][0]) < 1e-4, f"{label} does not start at π_ref"
+
+
 def save_figure(fig: plt.Figure, out: Path, name: str) -> Path:
     """Writes `fig` as <out>/<name>.png and closes it."""
     path = Path(out) / f"{name}.png"

@@ -285,16 +285,7 @@ def plot(results: Mapping[str, Any], out: Path) -> Path:
 def check(record: Mapping[str, Any]) -> None:
     """Invariants of any mode's record: keys, finite values, curve lengths, KL >= 0, the exact composition."""
     b = QUICK if record["mode"] == "quick" else FULL
-    expected = set(run_configs(record["mode"] == "quick"))
-    assert set(record["runs"]) == expected, f"runs {sorted(record['runs'])} != {sorted(expected)}"
-    points = b.steps // b.eval_every + 1
-    for label, run_ in record["runs"].items():
-        for key in ("steps", "reward", "kl_policy_ref"):
-            values = np.asarray(run_[key], float)
-            assert values.shape == (points,), f"{label}.{key} has {values.shape} points, expected {points}"
-            assert np.all(np.isfinite(values)), f"{label}.{key} is not finite"
-        assert np.all(np.asarray(run_["kl_policy_ref"]) >= -1e-4), f"{label}: KL(π‖π_ref) < 0"
-        assert abs(run_["kl_policy_ref"][0]) < 1e-4, f"{label} does not start at π_ref"
+    common.check_run_curves(record["runs"], set(run_configs(record["mode"] == "quick")), b.steps // b.eval_every + 1)
     for n, point in record["bon_points"].items():
         bound = math.log(int(n)) - (int(n) - 1) / int(n)
         assert -1e-4 <= point["kl_ref"] <= bound + 1e-3, f"KL(π_BoN({n})‖π_ref)={point['kl_ref']} outside [0, {bound}]"

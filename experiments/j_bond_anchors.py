@@ -156,16 +156,7 @@ def check(record: Mapping[str, Any]) -> None:
     """Invariants of any mode's record: every run present and finite, with the expected number of
     evaluations starting at π_ref, and (with the front) no run above the exact front."""
     b = QUICK if record["mode"] == "quick" else FULL
-    expected = set(run_configs(record["mode"] == "quick"))
-    assert set(record["runs"]) == expected, f"runs {sorted(record['runs'])} != {sorted(expected)}"
-    points = b.steps // b.eval_every + 1
-    for label, run_ in record["runs"].items():
-        for key in ("steps", "reward", "kl_policy_ref"):
-            values = np.asarray(run_[key], float)
-            assert values.shape == (points,), f"{label}.{key} has {values.shape} points, expected {points}"
-            assert np.all(np.isfinite(values)), f"{label}.{key} is not finite"
-        assert np.all(np.asarray(run_["kl_policy_ref"]) >= -1e-4), f"{label}: KL(π‖π_ref) < 0"
-        assert abs(run_["kl_policy_ref"][0]) < 1e-4, f"{label} does not start at π_ref"
+    common.check_run_curves(record["runs"], set(run_configs(record["mode"] == "quick")), b.steps // b.eval_every + 1)
     if record["front"] is not None:
         for label, summary in record["summary"].items():
             assert summary["final_front_gap"] >= -1e-3, f"{label} is above the exact front by {-summary['final_front_gap']}"

@@ -205,16 +205,7 @@ def check(record: Mapping[str, Any]) -> None:
     """Invariants of any mode's record: every run present, finite, with the expected number of
     evaluations starting at π_ref; fractions in [0, 1]; no run above the exact front."""
     b = QUICK if record["mode"] == "quick" else FULL
-    expected = set(run_configs(record["mode"] == "quick"))
-    assert set(record["runs"]) == expected, f"runs {sorted(record['runs'])} != {sorted(expected)}"
-    points = b.steps // b.eval_every + 1
-    for label, run_ in record["runs"].items():
-        for key in ("steps", "reward", "kl_policy_ref"):
-            values = np.asarray(run_[key], float)
-            assert values.shape == (points,), f"{label}.{key} has {values.shape} points, expected {points}"
-            assert np.all(np.isfinite(values)), f"{label}.{key} is not finite"
-        assert np.all(np.asarray(run_["kl_policy_ref"]) >= -1e-4), f"{label}: KL(π‖π_ref) < 0"
-        assert abs(run_["kl_policy_ref"][0]) < 1e-4, f"{label} does not start at π_ref"
+    common.check_run_curves(record["runs"], set(run_configs(record["mode"] == "quick")), b.steps // b.eval_every + 1)
     for key, value in record["domination"].items():
         fractions = value.values() if isinstance(value, Mapping) else [value]
         assert all(0.0 <= f <= 1.0 for f in fractions), f"domination {key}={value} outside [0, 1]"
