@@ -29,7 +29,6 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import ml_collections
-import numpy as np
 
 from experiments import common
 from experiments.iterative_bond import curves, reference_tables
