@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import sys
 import time
@@ -111,6 +110,7 @@ def workload_config(workload: dict, algorithm: str) -> ml_collections.ConfigDict
     c.temperature = workload["sampling"]["temperature"]
     c.top_k = workload["sampling"]["top_k"]
     c.top_p = workload["sampling"]["top_p"]
+    c.min_new_tokens = workload["sampling"]["min_new_tokens"]
     c.algo.num_samples = workload["sampling"]["n_per_prompt"]
     c.algo.kl_coef = workload["update"]["kl_beta"]
     c.num_devices = 1
@@ -140,21 +140,6 @@ def workload_setup(workload: dict, prompts: np.ndarray, algorithm: str) -> train
     )
 
 
-@contextlib.contextmanager
-def exact_length_responses(min_new_tokens: int):
-    """While active, the train step's sampler masks EOS for the first `min_new_tokens` tokens.
-
-    The workload fixes every response at exactly max_new_tokens tokens; bond.train._draw has no
-    min_new_tokens option, so its `sample` is wrapped for as long as the step is traced and run.
-    """
-    original = train.sample
-    train.sample = functools.partial(original, min_new_tokens=min_new_tokens)
-    try:
-        yield
-    finally:
-        train.sample = original
-
-
 # ---------------------------------------------------------------------------------------------
 # FLOPs
 
@@ -166,25 +151,34 @@ def matmul_params(model: TransformerConfig) -> int:
     return model.num_layers * (4 * d * d + 2 * d * model.d_ff) + model.vocab_size * d
 
 
-def train_flops(model: TransformerConfig, sequences: int, length: int) -> float:
-    """Forward + backward FLOPs of `sequences` rows of `length` tokens: per token 6·N + 12·L·d·T
-    (PaLM, Chowdhery et al. 2022, App. B; N = matmul_params, the attention term for the full T x T
-    scores the implementation computes)."""
-    per_token = 6 * matmul_params(model) + 12 * model.num_layers * model.d_model * length
-    return float(per_token * sequences * length)
+def train_flops(model: TransformerConfig, shape: tuple[int, int, int], prompt_length: int) -> float:
+    """Forward + backward FLOPs of one shared-prompt log-prob pass over rows [B, S, T] (prompt P).
+
+    Per token 6·N + 12·L·d·C (PaLM, Chowdhery et al. 2022, App. B; N = matmul_params, C the keys
+    the token attends over). The pass runs B·P prompt tokens (C = P) and B·S·(T − P − 1) response
+    inputs (C = T − 1); the output projection (V·d of N) runs at the B·S·(T − P) scored positions.
+    """
+    batch, samples, length = shape
+    prompt_tokens, response_inputs = batch * prompt_length, batch * samples * (length - prompt_length - 1)
+    blocks = 6 * (matmul_params(model) - model.vocab_size * model.d_model)
+    attention = 12 * model.num_layers * model.d_model
+    projection = 6 * model.vocab_size * model.d_model * batch * samples * (length - prompt_length)
+    return float(blocks * (prompt_tokens + response_inputs) + projection
+                 + attention * (prompt_tokens * prompt_length + response_inputs * (length - 1)))
 
 
 # ---------------------------------------------------------------------------------------------
 # Phases, each its own jitted program
 
 
-def phase_functions(setup: train.Setup, min_new_tokens: int):
+def phase_functions(setup: train.Setup):
     """(sample, score, logprobs, update) as jitted functions of the step's inputs; see the README."""
     c, plan, model = setup.config, setup.plan, setup.model
     optimizer = train.make_optimizer(c)
-    plain = c.temperature == 1.0 and c.top_k == 0 and c.top_p == 1.0
+    plain = c.temperature == 1.0 and c.top_k == 0 and c.top_p == 1.0 and c.min_new_tokens == 0
     options = dict(max_new_tokens=setup.task.max_response_length, temperature=c.temperature, top_k=c.top_k,
-                   top_p=c.top_p, eos_id=setup.task.eos_id, min_new_tokens=min_new_tokens)
+                   top_p=c.top_p, eos_id=setup.task.eos_id, min_new_tokens=c.min_new_tokens)
+    prompt_length = setup.task.prompt_length
 
     @jax.jit
     def sample_phase(params, anchor_params, prompts, prompt_mask, key):
@@ -214,7 +208,7 @@ def phase_functions(setup: train.Setup, min_new_tokens: int):
             if is_source and plain:
                 return out.logprobs.sum(-1)
             return sequence_logprobs(params, out.tokens, out.response_mask, model=model,
-                                     attention_mask=out.attention_mask)[1]
+                                     attention_mask=out.attention_mask, shared_prompt_len=prompt_length)[1]
 
         policy, anchor = drawn
         result = {"policy": (under(ref_params, policy, False), under(anchor_params, policy, False))}
@@ -233,7 +227,8 @@ def phase_functions(setup: train.Setup, min_new_tokens: int):
         def loss_fn(p):
             def policy_logp(s: Samples) -> jax.Array:
                 sequences_seen.append(s.tokens.shape)
-                return sequence_logprobs(p, s.tokens, s.response_mask, model=model, attention_mask=s.attention_mask)[1]
+                return sequence_logprobs(p, s.tokens, s.response_mask, model=model, attention_mask=s.attention_mask,
+                                         shared_prompt_len=prompt_length)[1]
 
             return setup.algorithm.loss(inputs._replace(policy_logp=policy_logp))
 
@@ -277,60 +272,57 @@ def time_algorithm(workload: dict, prompts: np.ndarray, name: str, peak_gflops: 
                                                        "reference": setup.plan.reference},
               "new_tokens_per_step": batch * (setup.plan.policy + setup.plan.anchor + setup.plan.reference) * length}
 
-    with exact_length_responses(sampling["min_new_tokens"]):
-        step = train.compile_train_step(setup, state, ref_params)
+    step = train.compile_train_step(setup, state, ref_params)
 
-        def call():
-            nonlocal state
-            state, metrics = step(state, ref_params, prompt_tokens, prompt_mask, rows, hp, seed_key, None,
-                                  setup.judge_params)
-            jax.block_until_ready((state, metrics))
-            return metrics
+    def call():
+        nonlocal state
+        state, metrics = step(state, ref_params, prompt_tokens, prompt_mask, rows, hp, seed_key, None,
+                              setup.judge_params)
+        jax.block_until_ready((state, metrics))
+        return metrics
 
-        start = time.perf_counter()
-        with CompileLog() as first:
-            metrics = call()
-        result["first_call_s"] = time.perf_counter() - start
-        result["compile_s"] = first.seconds
-        mean_length = float(metrics.get("policy_length", length))
-        if mean_length != length:
-            raise SystemExit(f"{name}: policy responses average {mean_length} tokens, the workload asks for {length}")
-        with CompileLog() as steady:
-            seconds, times, cpu_seconds = median_time(call, warmup, timed)
-        result.update(s_per_step=seconds, prompts_per_s=batch / seconds,
-                      tokens_per_s=result["new_tokens_per_step"] / seconds, step_times_s=times,
-                      call_s=seconds, cpu_s=cpu_seconds, recompiles=steady.compiles)
+    start = time.perf_counter()
+    with CompileLog() as first:
+        metrics = call()
+    result["first_call_s"] = time.perf_counter() - start
+    result["compile_s"] = first.seconds
+    mean_length = float(metrics.get("policy_length", length))
+    if mean_length != length:
+        raise SystemExit(f"{name}: policy responses average {mean_length} tokens, the workload asks for {length}")
+    with CompileLog() as steady:
+        seconds, times, cpu_seconds = median_time(call, warmup, timed)
+    result.update(s_per_step=seconds, prompts_per_s=batch / seconds,
+                  tokens_per_s=result["new_tokens_per_step"] / seconds, step_times_s=times,
+                  call_s=seconds, cpu_s=cpu_seconds, recompiles=steady.compiles)
 
-        # Phases on the same inputs (the final state's parameters).
-        sample_phase, score_phase, logprobs_phase, update_phase, sequences_seen = phase_functions(
-            setup, sampling["min_new_tokens"])
-        params, anchor_params, opt_state = state.params, state.anchor_params, state.opt_state
-        key = jax.random.key(1)
-        prompts_dev = jnp.asarray(prompt_tokens)
-        mask_dev = jnp.asarray(prompt_mask)
-        drawn = sample_phase(params, anchor_params, prompts_dev, mask_dev, key)
-        rewards = score_phase(drawn)
-        logps = logprobs_phase(ref_params, anchor_params, drawn)
-        policy = as_samples(drawn[0], rewards[0], logps["policy"])
-        anchor = as_samples(drawn[1], rewards[1], logps["anchor"]) if drawn[1] is not None else None
-        update_args = (params, opt_state, policy, anchor, hp, jax.random.key(2))
-        jax.block_until_ready(update_phase(*update_args))
-        calls = {
-            "sample": lambda: sample_phase(params, anchor_params, prompts_dev, mask_dev, key),
-            "score": lambda: score_phase(drawn),
-            "logprobs": lambda: logprobs_phase(ref_params, anchor_params, drawn),
-            "update": lambda: update_phase(*update_args),
-        }
-        timings = {phase: median_time(lambda f=f: jax.block_until_ready(f()), warmup, timed)
-                   for phase, f in calls.items()}
+    # Phases on the same inputs (the final state's parameters).
+    sample_phase, score_phase, logprobs_phase, update_phase, sequences_seen = phase_functions(setup)
+    params, anchor_params, opt_state = state.params, state.anchor_params, state.opt_state
+    key = jax.random.key(1)
+    prompts_dev = jnp.asarray(prompt_tokens)
+    mask_dev = jnp.asarray(prompt_mask)
+    drawn = sample_phase(params, anchor_params, prompts_dev, mask_dev, key)
+    rewards = score_phase(drawn)
+    logps = logprobs_phase(ref_params, anchor_params, drawn)
+    policy = as_samples(drawn[0], rewards[0], logps["policy"])
+    anchor = as_samples(drawn[1], rewards[1], logps["anchor"]) if drawn[1] is not None else None
+    update_args = (params, opt_state, policy, anchor, hp, jax.random.key(2))
+    jax.block_until_ready(update_phase(*update_args))
+    calls = {
+        "sample": lambda: sample_phase(params, anchor_params, prompts_dev, mask_dev, key),
+        "score": lambda: score_phase(drawn),
+        "logprobs": lambda: logprobs_phase(ref_params, anchor_params, drawn),
+        "update": lambda: update_phase(*update_args),
+    }
+    timings = {phase: median_time(lambda f=f: jax.block_until_ready(f()), warmup, timed)
+               for phase, f in calls.items()}
 
     phases = {phase: t[0] for phase, t in timings.items()}
     result["phases"] = phases
     result["phases_cpu_s"] = {phase: t[2] for phase, t in timings.items()}
     result["phases_sum_s"] = sum(phases.values())
     update_sequences = sum(int(np.prod(shape[:-1])) for shape in sequences_seen)
-    sequence_length = prompt_tokens.shape[1] + length
-    flops = train_flops(setup.model, update_sequences, sequence_length)
+    flops = sum(train_flops(setup.model, shape, prompt_tokens.shape[1]) for shape in sequences_seen)
     peak_wall, peak_cpu = peak_gflops
     update_cpu_s = result["phases_cpu_s"]["update"]
     result.update(
@@ -406,6 +398,7 @@ def time_trl(workload: dict, prompts: np.ndarray) -> dict:
             temperature=sampling["temperature"], top_p=sampling["top_p"], top_k=sampling["top_k"],
             beta=update["kl_beta"], learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0,
             weight_decay=0.0, max_grad_norm=update["max_grad_norm"], optim="adamw_torch", gradient_checkpointing=False,
+            bf16=False, fp16=False,  # RLOOConfig defaults to bf16 autocast; the workload is float32
             adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
         )
         trainer = trl.RLOOTrainer(

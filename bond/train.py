@@ -33,7 +33,7 @@ from bond.sampling import sample
 from bond.tasks import Task, get_task, synthetic_language
 from bond.tasks import pretrained as pretrained_task
 from bond.tasks.prompts import load_prompts, read_prompt_batch
-from bond.validation import validate
+from bond.validation import ConfigError, validate
 
 # Exact evaluation enumerates every response; beyond this many per prompt it falls back to sampling.
 MAX_EXACT_RESPONSES = 200_000
@@ -108,9 +108,14 @@ def make_setup(config: ml_collections.ConfigDict, log: Callable[[str], None] = p
     algorithm = algorithms.get_algorithm(config.algorithm)
     mesh = sharding.make_mesh(config.mesh_shape, devices=jax.devices()[: config.num_devices or None])
     sharding.check_batch_divides(config.batch_size, mesh, field="config.batch_size")
-    if config.task == pretrained_task.TASK_NAME:
-        return _pretrained_setup(config, algorithm, mesh, log)
-    return _builtin_setup(config, algorithm, mesh, log)
+    build = _pretrained_setup if config.task == pretrained_task.TASK_NAME else _builtin_setup
+    setup, ref_params = build(config, algorithm, mesh, log)
+    if config.min_new_tokens > setup.task.max_response_length:
+        raise ConfigError(
+            f"config.min_new_tokens={config.min_new_tokens} exceeds the task's response length "
+            f"{setup.task.max_response_length}; lower it (0 = off)."
+        )
+    return setup, ref_params
 
 
 def _pretrained_setup(config, algorithm: Algorithm, mesh, log) -> tuple[Setup, Any]:
@@ -233,14 +238,14 @@ def _draw(setup: Setup, params, prompts, prompt_mask, key, count: int, logp_para
     out = sample(
         setup.model, params, prompts, prompt_mask, key, num_samples=count,
         max_new_tokens=setup.task.max_response_length, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-        eos_id=setup.task.eos_id,
+        eos_id=setup.task.eos_id, min_new_tokens=c.min_new_tokens,
     )
     b, s, t = out.tokens.shape
     flat = lambda x: x.reshape(b * s, t)
     rewards = setup.reward_fn(judge_params, flat(out.tokens), flat(out.attention_mask), flat(out.response_mask))
     rewards = rewards.reshape(b, s)
     sampler_logp = out.logprobs.sum(-1)
-    plain = c.temperature == 1.0 and c.top_k == 0 and c.top_p == 1.0
+    plain = c.temperature == 1.0 and c.top_k == 0 and c.top_p == 1.0 and c.min_new_tokens == 0
 
     def logp_under(name: str) -> jax.Array:
         if name == source and plain:  # the sampler's own log-probs are exact then: skip a forward pass
@@ -248,7 +253,8 @@ def _draw(setup: Setup, params, prompts, prompt_mask, key, count: int, logp_para
         if logp_params.get(name) is None:
             return jnp.zeros_like(sampler_logp)
         return sequence_logprobs(
-            logp_params[name], out.tokens, out.response_mask, model=setup.model, attention_mask=out.attention_mask
+            logp_params[name], out.tokens, out.response_mask, model=setup.model, attention_mask=out.attention_mask,
+            shared_prompt_len=prompts.shape[1],
         )[1]
 
     return Samples(
@@ -305,8 +311,9 @@ def make_train_step(setup: Setup) -> Callable:
         inputs = LossInputs(None, policy, anchor, reference, hp, setup.config.algo, k_loss)
 
         def loss_fn(params):
-            def policy_logp(s: Samples) -> jax.Array:
-                return sequence_logprobs(params, s.tokens, s.response_mask, model=model, attention_mask=s.attention_mask)[1]
+            def policy_logp(s: Samples) -> jax.Array:  # every sample's first P columns are its prompt
+                return sequence_logprobs(params, s.tokens, s.response_mask, model=model, attention_mask=s.attention_mask,
+                                         shared_prompt_len=prompts.shape[1])[1]
 
             full = inputs._replace(policy_logp=policy_logp)
             if setup.preference_loss is not None:

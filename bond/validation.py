@@ -69,6 +69,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _integer(config, "top_k", 0)
     top_p = _number(config, "top_p")
     _require(0 < top_p <= 1, f"config.top_p={top_p} must be in (0, 1].")
+    _integer(config, "min_new_tokens", 0)
 
     algo = config.algo
     if config.algorithm in USES_N:

@@ -78,8 +78,11 @@ def test_matmul_params_are_the_workload_parameters_less_positions_biases_and_nor
     per_layer_biases_and_norms = (3 * 256 + 256) + (1024 + 256) + 2 * (2 * 256)  # qkv, out, mlp biases; 2 LNs
     not_in_matmuls = 128 * 256 + 4 * per_layer_biases_and_norms + 2 * 256  # positions, blocks, final LN
     assert online_step.matmul_params(model) == total - not_in_matmuls == 3_276_800
-    # 6·N + 12·L·d·T per token, for 2 sequences of 3 tokens.
-    assert online_step.train_flops(model, 2, 3) == (6 * 3_276_800 + 12 * 4 * 256 * 3) * 6
+    # One prompt of 2 tokens with 3 samples of 2 response tokens (rows of 4): the prompt runs once
+    # (2 tokens, 2 keys each), each sample feeds 1 response token (3 keys) and scores 2 positions.
+    blocks, projection, attention = 6 * (3_276_800 - 512 * 256), 6 * 512 * 256, 12 * 4 * 256
+    expected = blocks * (2 + 3) + projection * 3 * 2 + attention * (2 * 2 + 3 * 3)
+    assert online_step.train_flops(model, (1, 3, 4), prompt_length=2) == expected
 
 
 def test_even_token_reward_counts_only_the_counted_response_tokens():

@@ -125,6 +125,69 @@ def test_sequence_logprobs_match_hand_computation(params):
     np.testing.assert_allclose(grouped_seq[:, 0], expected.sum(axis=1), atol=1e-5)
 
 
+def _grouped_samples(config, prompts=3, samples=4, prompt_len=5, response_len=5):
+    """[prompts, samples, P + L] rows: left-padded prompts (0, 2 and 4 pads) shared by their samples,
+    responses that end early (EOS then masked padding) in some rows."""
+    keys = jax.random.split(jax.random.key(3), 2)
+    prompt = np.array(jax.random.randint(keys[0], (prompts, prompt_len), 1, config.vocab_size))
+    prompt_mask = np.ones((prompts, prompt_len), np.int32)
+    for row in range(prompts):
+        pads = (2 * row) % prompt_len
+        prompt[row, :pads], prompt_mask[row, :pads] = 0, 0
+    response = np.array(jax.random.randint(keys[1], (prompts, samples, response_len), 1, config.vocab_size))
+    response_mask = np.ones(response.shape, np.int32)
+    response[0, 1, 2], response[0, 1, 3:], response_mask[0, 1, 3:] = 0, 0, 0  # EOS at 2, then padding
+    response[2, 3, 0], response[2, 3, 1:], response_mask[2, 3, 1:] = 0, 0, 0  # EOS first
+    tile = lambda x: np.repeat(x[:, None], samples, axis=1)
+    tokens = np.concatenate([tile(prompt), response], axis=-1)
+    mask = np.concatenate([tile(prompt_mask), response_mask], axis=-1)
+    scored = np.concatenate([np.zeros_like(tile(prompt_mask)), response_mask], axis=-1).astype(np.float32)
+    return jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(scored)
+
+
+@pytest.mark.parametrize("config", [
+    TINY,
+    TransformerConfig(vocab_size=16, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, d_ff=64, max_len=16,
+                      norm="rms_norm", position_embedding="rope", gated_mlp=True, activation="silu",
+                      tie_embeddings=False),
+], ids=["gpt2", "llama"])
+def test_shared_prompt_logprobs_and_gradients_match_full_pass(config):
+    params = init_params(config, jax.random.key(4))
+    tokens, mask, scored = _grouped_samples(config)
+
+    def total(p, shared):
+        lp, seq = sequence_logprobs(p, tokens, scored, model=config, attention_mask=mask, temperature=0.8,
+                                    shared_prompt_len=shared)
+        return jnp.sum(seq * jnp.arange(1.0, 1.0 + seq.size).reshape(seq.shape)), lp
+
+    (full_total, full_lp), full_grad = jax.value_and_grad(total, has_aux=True)(params, 0)
+    (shared_total, shared_lp), shared_grad = jax.jit(jax.value_and_grad(total, has_aux=True), static_argnums=1)(
+        params, 5)
+    np.testing.assert_allclose(shared_lp, full_lp, atol=1e-5)
+    assert np.all(np.asarray(shared_lp)[..., :5] == 0) and np.any(np.asarray(full_lp)[..., 5:] != 0)
+    np.testing.assert_allclose(shared_total, full_total, rtol=1e-5)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(full_grad))  # float32 rounding, relative to it
+    for got, want in zip(jax.tree.leaves(shared_grad), jax.tree.leaves(full_grad)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * scale)
+
+    # One response token: the prompt's last logits score it, no response pass at all.
+    short = [x[..., :6] for x in (tokens, mask, scored)]
+    np.testing.assert_allclose(
+        sequence_logprobs(params, short[0], short[2], model=config, attention_mask=short[1], shared_prompt_len=5)[1],
+        sequence_logprobs(params, short[0], short[2], model=config, attention_mask=short[1])[1], atol=1e-5)
+
+
+def test_shared_prompt_len_rejects_rows_that_do_not_share_it(params):
+    tokens, mask, scored = _grouped_samples(TINY)
+    with pytest.raises(ValueError, match="differ between the samples"):
+        sequence_logprobs(params, tokens.at[1, 2, 4].add(1), scored, model=TINY, attention_mask=mask,
+                          shared_prompt_len=5)
+    with pytest.raises(ValueError, match=r"\[prompts, samples, length\]"):
+        sequence_logprobs(params, tokens[0], scored[0], model=TINY, attention_mask=mask[0], shared_prompt_len=5)
+    with pytest.raises(ValueError, match="shared_prompt_len must be an int"):
+        sequence_logprobs(params, tokens, scored, model=TINY, attention_mask=mask, shared_prompt_len=10)
+
+
 def test_bad_inputs_raise_value_error(params):
     with pytest.raises(ValueError, match="num_heads"):
         TransformerConfig(vocab_size=16, num_layers=1, d_model=30, num_heads=4, d_ff=8, max_len=8)

@@ -156,6 +156,7 @@ def test_sharded_run_equals_single_device_run(cache_dir, tmp_path):
         ("mesh_shape", (3, 1, 1), "config.mesh_shape"),
         ("batch_size", 12, "config.batch_size=12 must be divisible by the data axes"),
         ("num_devices", 64, "config.num_devices=64"),
+        ("min_new_tokens", -1, "config.min_new_tokens=-1 must be an integer >= 0"),
     ],
 )
 def test_validation_names_the_field(field, value, message, cache_dir):

@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 ACTIVATIONS = {
@@ -565,11 +566,12 @@ class Transformer(nn.Module):
         cache_index: jax.Array | int = 0,
     ) -> tuple[jax.Array, KVCache | None]:
         hidden, cache = self.hidden_states(tokens, positions, key_mask, cache, cache_index)
-        if self.config.tie_embeddings:
-            out = self.wte.attend(hidden)
-        else:
-            out = self.lm_head(hidden)
-        return out.astype(jnp.float32), cache
+        return self.project(hidden), cache
+
+    def project(self, hidden: jax.Array) -> jax.Array:
+        """Logits [..., V] (float32) from final-norm hidden states [..., D]."""
+        out = self.wte.attend(hidden) if self.config.tie_embeddings else self.lm_head(hidden)
+        return out.astype(jnp.float32)
 
 
 def as_transformer(model: Transformer | TransformerConfig) -> Transformer:
@@ -653,11 +655,19 @@ def sequence_logprobs(
     model: Transformer | TransformerConfig,
     attention_mask: ArrayLike | None = None,
     temperature: ArrayLike = 1.0,
+    shared_prompt_len: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token and per-sequence log-likelihoods of `tokens` under the model at `temperature`.
 
     token_logprobs[..., t] = log softmax(logits[..., t - 1] / temperature)[tokens[..., t]]
     * response_mask[..., t] (0 at t = 0 and wherever the mask is 0); seq_logprob = sum_t.
+
+    With `shared_prompt_len` = P > 0, tokens are [B, S, T]: S responses to each of B prompts whose
+    first P columns (tokens and attention_mask) are the same for all S — the samples the sampler
+    returns. The prompt is then run once per prompt and its keys/values are reused by the S
+    responses, and logits are projected at response positions only: the same numbers (up to float
+    rounding) as the full pass, with the prompt's forward and backward costing 1/S of it. Prompt
+    columns are never scored then (their token_logprobs are 0 whatever response_mask says there).
 
     Args:
       params: the model's parameters.
@@ -666,6 +676,8 @@ def sequence_logprobs(
       model: a Transformer or TransformerConfig.
       attention_mask: [..., T], 1 on real tokens (default: all ones).
       temperature: positive scalar dividing the logits.
+      shared_prompt_len: P, the prompt length shared by the S responses of each prompt (static;
+        0 = no sharing, every row runs in full).
 
     Returns:
       (token_logprobs [..., T] float32, seq_logprob [...] float32).
@@ -682,6 +694,13 @@ def sequence_logprobs(
         raise ValueError(f"attention_mask must have the shape of tokens {tokens.shape}, got {mask.shape}.")
     flat_tokens = tokens.reshape(-1, tokens.shape[-1])
     _check_tokens(flat_tokens, config)
+    if shared_prompt_len:
+        _check_shared_prompt(tokens, mask, shared_prompt_len)
+        token_logprobs = _shared_prompt_token_logprobs_jit(
+            config, params, tokens, mask, response_mask, jnp.asarray(temperature, jnp.float32),
+            prompt_len=shared_prompt_len,
+        )
+        return token_logprobs, token_logprobs.sum(axis=-1)
     token_logprobs = _token_logprobs_jit(
         config, params, flat_tokens, mask.reshape(flat_tokens.shape), response_mask.reshape(flat_tokens.shape),
         jnp.asarray(temperature, jnp.float32),
@@ -695,4 +714,60 @@ def _token_logprobs_jit(config, params, tokens, mask, response_mask, temperature
     picked = jnp.take_along_axis(scaled, tokens[:, 1:, None], axis=-1)[..., 0]
     next_logprobs = picked - jax.nn.logsumexp(scaled, axis=-1)
     token_logprobs = jnp.pad(next_logprobs, ((0, 0), (1, 0)))
+    return jnp.where(response_mask > 0, token_logprobs, 0.0)
+
+
+def _check_shared_prompt(tokens: jax.Array, mask: jax.Array, prompt_len) -> None:
+    if tokens.ndim != 3:
+        raise ValueError(
+            f"shared_prompt_len needs tokens of shape [prompts, samples, length], got shape {tokens.shape}."
+        )
+    if not isinstance(prompt_len, (int, np.integer)) or not 0 < prompt_len < tokens.shape[-1]:
+        raise ValueError(
+            f"shared_prompt_len must be an int in [1, {tokens.shape[-1] - 1}] (tokens hold a prompt and at least "
+            f"one response token), got {prompt_len!r}."
+        )
+    for name, x in (("tokens", tokens), ("attention_mask", mask)):
+        try:
+            prompt = np.asarray(x[..., :prompt_len])
+        except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+            continue  # traced: the caller vouches for the sharing
+        if (prompt != prompt[:, :1]).any():
+            raise ValueError(
+                f"shared_prompt_len={prompt_len}: the first {prompt_len} columns of {name} differ between the samples "
+                "of a prompt; pass shared_prompt_len=0 for rows with different prompts."
+            )
+
+
+@functools.partial(jax.jit, static_argnames=("config", "prompt_len"))
+def _shared_prompt_token_logprobs_jit(config, params, tokens, mask, response_mask, temperature, *, prompt_len):
+    """`_token_logprobs_jit` for [B, S, T] rows sharing their first `prompt_len` columns per prompt.
+
+    Prefill the B prompts into a KV cache, repeat it S times, run the responses' inputs (columns
+    P .. T-2) through it; response token t is scored by the logits at t - 1 (the prompt's last
+    position for t = P).
+    """
+    batch, samples, length = tokens.shape
+    module, variables = Transformer(config), {"params": params}
+    positions = positions_from_mask(mask.reshape(-1, length)).reshape(tokens.shape)
+    prompt_mask = mask[:, 0, :prompt_len]
+    hidden, cache = module.apply(
+        variables, tokens[:, 0, :prompt_len], positions[:, 0, :prompt_len], prompt_mask,
+        init_cache(config, batch, prompt_len), 0, method=Transformer.hidden_states,
+    )
+    rows = lambda x: x.reshape((batch * samples,) + x.shape[2:])
+    repeat = lambda x: jnp.repeat(x, samples, axis=0)
+    # one slot per response input (columns P .. T-2) after the prompt's
+    cache = jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, length - 1 - prompt_len), (0, 0))), cache)
+    next_logits = repeat(module.apply(variables, hidden[:, -1:], method=Transformer.project))  # scores column P
+    if length - 1 > prompt_len:
+        response_logits, _ = module.apply(
+            variables, rows(tokens[:, :, prompt_len:-1]), rows(positions[:, :, prompt_len:-1]),
+            rows(mask[:, :, :-1]), jax.tree.map(repeat, cache), prompt_len,
+        )
+        next_logits = jnp.concatenate([next_logits, response_logits], axis=1)
+    scaled = next_logits / temperature  # [B·S, T - P, V]: the logits scoring columns P .. T-1
+    picked = jnp.take_along_axis(scaled, rows(tokens[:, :, prompt_len:])[..., None], axis=-1)[..., 0]
+    response_logprobs = (picked - jax.nn.logsumexp(scaled, axis=-1)).reshape(batch, samples, -1)
+    token_logprobs = jnp.pad(response_logprobs, ((0, 0), (0, 0), (prompt_len, 0)))
     return jnp.where(response_mask > 0, token_logprobs, 0.0)
