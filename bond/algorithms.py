@@ -59,6 +59,9 @@ class LossInputs(NamedTuple):
     hp: dict[str, jax.Array]  # config.algo's numeric fields, traced
     algo: ml_collections.FrozenConfigDict  # config.algo itself: counts and choices, static
     key: jax.Array  # for tie-breaking
+    # Samples [B, S, T] → P[b, i, j] = P(y_i ≻ y_j | x_b) [B, S, S] from the run's pair judge (a
+    # preference model); None: the run has none and preferences come from rewards (`preferences`).
+    pair_judge: Optional[Callable[[Samples], jax.Array]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,11 +206,27 @@ def _j_bond_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
     )
 
 
+def preferences(inputs: LossInputs, samples: Samples) -> jax.Array:
+    """P[b, i, j] = P(y_i ≻ y_j | x_b) among each prompt's samples, without gradient: from the run's
+    pair judge when it has one, else from the rewards as config.algo.preference says ('hard':
+    1[r_i > r_j] + ½·1[r_i = r_j], 'soft': σ(r_i − r_j))."""
+    if inputs.pair_judge is not None:
+        return jax.lax.stop_gradient(inputs.pair_judge(samples))
+    return preferences_from_rewards(samples.rewards, kind=inputs.algo.preference)
+
+
+def mean_decidedness(pref: jax.Array) -> jax.Array:
+    """Mean |P_ij − ½| over i ≠ j of [B, S, S] preferences: 0 when indifferent, ½ when every pair is decided."""
+    group = pref.shape[-1]
+    off = 1.0 - jnp.eye(group, dtype=pref.dtype)
+    return jnp.sum(jnp.abs(pref - 0.5) * off) / jnp.maximum(jnp.sum(off) * pref.shape[0], 1.0)
+
+
 def _wind_loss(variant: Optional[str]) -> LossFn:
     def loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
         logp = inputs.policy_logp(inputs.policy)
-        pref = preferences_from_rewards(inputs.policy.rewards, kind=inputs.algo.preference)
-        return losses.wind(
+        pref = preferences(inputs, inputs.policy)
+        value, metrics = losses.wind(
             logp,
             jax.lax.stop_gradient(logp),  # π_t is the policy that drew the samples
             inputs.policy.ref_logp,
@@ -216,6 +235,7 @@ def _wind_loss(variant: Optional[str]) -> LossFn:
             beta=inputs.hp["wind_beta"],
             variant=variant or inputs.algo.wind_variant,
         )
+        return value, {**metrics, "preference_decidedness": mean_decidedness(pref)}
 
     return loss
 

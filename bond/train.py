@@ -28,7 +28,7 @@ from bond.checkpoint import Checkpointer, abstract_like, install_sigterm_handler
 from bond.metrics import MetricWriter, Progress, check_finite, read_metrics
 from bond.plots import plot_run
 from bond.models import TransformerConfig, param_logical_axes, reward_model_scores, sequence_logprobs
-from bond.models.preference import Responses, symmetric_preference
+from bond.models.preference import Responses, preference_matrix, symmetric_preference
 from bond.sampling import sample
 from bond.tasks import Task, get_task, synthetic_language
 from bond.tasks import pretrained as pretrained_task
@@ -65,10 +65,9 @@ class Setup:
     eval_reward_fn: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
     mesh: jax.sharding.Mesh
     judge_params: Any = None  # parameters of the reward / preference models ({'reward': ..., 'preference': ...})
-    # A pair scorer's P(y ≻ y') (bond/models/preference.py) on judge_params['preference'], and the loss
-    # (judge_params, LossInputs) → (loss, metrics) that replaces the algorithm's when it is set.
+    # A pair scorer's P(y ≻ y') (bond/models/preference.py) on judge_params['preference']: the losses
+    # that learn from preferences (WIND) read it through LossInputs.pair_judge.
     preference_judge: Optional[Callable] = None
-    preference_loss: Optional[Callable] = None
     train_prompts: Any = None  # the train prompt source when the task brings its own (else its TFDS set)
 
 
@@ -134,7 +133,6 @@ def _pretrained_setup(config, algorithm: Algorithm, mesh, log) -> tuple[Setup, A
         mesh=mesh,
         judge_params=_on_mesh(loaded.judge_params, mesh),
         preference_judge=judge,
-        preference_loss=pretrained_task.preference_model_loss(judge) if judge is not None else None,
         train_prompts=loaded.train_prompts,
     )
     return setup, loaded.params
@@ -308,17 +306,17 @@ def make_train_step(setup: Setup) -> Callable:
             reference = jax.tree.map(lambda x: x[prompt_rows], ref_cache)
         else:
             reference = draw(ref_params, k_ref, plan.reference, "reference")
-        inputs = LossInputs(None, policy, anchor, reference, hp, setup.config.algo, k_loss)
+        pair_judge = None if setup.preference_judge is None else (
+            lambda s: preference_matrix(setup.preference_judge, judge_params["preference"], s.tokens,
+                                        s.attention_mask, s.response_mask))
+        inputs = LossInputs(None, policy, anchor, reference, hp, setup.config.algo, k_loss, pair_judge)
 
         def loss_fn(params):
             def policy_logp(s: Samples) -> jax.Array:  # every sample's first P columns are its prompt
                 return sequence_logprobs(params, s.tokens, s.response_mask, model=model, attention_mask=s.attention_mask,
                                          shared_prompt_len=prompts.shape[1])[1]
 
-            full = inputs._replace(policy_logp=policy_logp)
-            if setup.preference_loss is not None:
-                return setup.preference_loss(judge_params, full)
-            return algorithm.loss(full)
+            return algorithm.loss(inputs._replace(policy_logp=policy_logp))
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         # float32 optimizer state and update math, parameters stored in their own dtype (bfloat16 allowed)

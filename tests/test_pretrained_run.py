@@ -232,5 +232,5 @@ def test_wind_learns_from_the_pair_scorer(tmp_path):
                         log=lambda s: None)
     trained = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "train/loss" in r]
     assert len(trained) == 1 and np.isfinite(trained[0]["train/loss"])
-    assert 0.0 < trained[0]["train/preference_mean_offdiag"] <= 0.5
+    assert 0.0 < trained[0]["train/preference_decidedness"] <= 0.5
     assert 0.0 <= summary["after"]["eval/preference_win_rate_vs_ref"] <= 1.0

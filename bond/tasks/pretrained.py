@@ -32,9 +32,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bond import losses
-from bond.algorithms import LossInputs
-from bond.models.preference import PairJudge, pair_scorer_judge, preference_matrix
+from bond.models.preference import PairJudge, pair_scorer_judge
 from bond.tasks import Prompts, Task, check_split
 from bond.tasks.text import TokenizedPrompts, load_text_prompts
 from bond.tokenizer import Tokenizer, load_tokenizer
@@ -192,30 +190,3 @@ def load_pretrained_task(config: ml_collections.ConfigDict, mesh=None, log: Call
         train_prompts=train_prompts,
         eval_prompts=eval_prompts,
     )
-
-
-def preference_model_loss(judge: PairJudge) -> Callable[[Any, LossInputs], tuple[jax.Array, dict]]:
-    """WIND (Yang et al. 2024, arXiv 2410.20727) on the pair scorer's preferences among the policy's
-    samples: (judge_params, inputs) → (loss, metrics), the loss of algorithms.py's 'wind' with
-    P[b, i, j] = P(y_i ≻ y_j | x_b) from `preference_matrix` instead of from rewards."""
-
-    def loss(judge_params, inputs: LossInputs) -> tuple[jax.Array, dict]:
-        s = inputs.policy
-        pref = jax.lax.stop_gradient(
-            preference_matrix(judge, judge_params["preference"], s.tokens, s.attention_mask, s.response_mask)
-        )
-        logp = inputs.policy_logp(s)
-        value, metrics = losses.wind(
-            logp, jax.lax.stop_gradient(logp), s.ref_logp, pref,
-            eta=inputs.hp["wind_eta"], beta=inputs.hp["wind_beta"], variant=inputs.algo.wind_variant,
-        )
-        return value, {**metrics, "preference_mean_offdiag": _mean_offdiagonal(pref)}
-
-    return loss
-
-
-def _mean_offdiagonal(pref: jax.Array) -> jax.Array:
-    """Mean |P_ij − ½| over i ≠ j: how decided the judge is among a group's samples (0 when indifferent)."""
-    group = pref.shape[-1]
-    off = 1.0 - jnp.eye(group, dtype=pref.dtype)
-    return jnp.sum(jnp.abs(pref - 0.5) * off) / jnp.maximum(jnp.sum(off) * pref.shape[0], 1.0)
