@@ -8,6 +8,7 @@ traced values (β, γ, η, N, learning-rate scale, seed) never change compiled s
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import ml_collections
@@ -134,6 +135,21 @@ def synthetic(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.reward_model.use_proxy = True
     c.eval.exact = False
     c.model.update(num_layers=2, d_model=128, num_heads=4, d_ff=512)
+    return c
+
+
+def pretrained_smoke_run(c: ml_collections.ConfigDict, prompts: list[str], **pretrained) -> ml_collections.ConfigDict:
+    """The 'pretrained' task shrunk to a smoke run on a CPU: small checkpoints (`pretrained`: their
+    paths and options), the inline `prompts`, short float32 sequences, 3 steps of 8 prompts with an
+    evaluation and a checkpoint inside the run. The `tiny` variants of configs/pretrained use it."""
+    c.pretrained.update(
+        dict(eos_token="", max_prompt_length=32, max_new_tokens=8, param_dtype="float32", chat_template=True),
+        **pretrained,
+    )
+    c.pretrained.prompts.update(source="inline:" + json.dumps(prompts), template="{text}")
+    c.update(steps=3, batch_size=8, log_every=1, plots=False, mesh_shape=(-1, 1, 1))
+    c.eval.update(every=2, num_prompts=4, num_samples=4)
+    c.checkpoint.update(every=2, keep=2)
     return c
 
 

@@ -31,10 +31,9 @@ The `tiny` variant runs the same code on the tiny Llama test checkpoint and its 
     python -m bond.main --config=configs/pretrained/j_bond_gemma.py:tiny --workdir=/tmp/j_bond_tiny
 """
 
-import json
 from pathlib import Path
 
-from bond.config_base import apply_args, base_config
+from bond.config_base import apply_args, base_config, pretrained_smoke_run
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "pretrained"
 TINY_PROMPTS = [
@@ -51,15 +50,8 @@ TINY_PROMPTS = [
 
 def tiny(c):
     """The test fixtures, a few steps, small lengths: a smoke run of the whole path."""
-    c.pretrained.update(
-        policy_path=str(FIXTURES / "llama"), reward_path=str(FIXTURES / "llama_reward"), eos_token="",
-        max_prompt_length=32, max_new_tokens=8, param_dtype="float32", chat_template=True,
-    )
-    c.pretrained.prompts.update(source="inline:" + json.dumps(TINY_PROMPTS), template="{text}")
-    c.update(steps=3, batch_size=8, log_every=1, plots=False, mesh_shape=(-1, 1, 1))
-    c.eval.update(every=2, num_prompts=4, num_samples=4)
-    c.checkpoint.update(every=2, keep=2)
-    return c
+    return pretrained_smoke_run(
+        c, TINY_PROMPTS, policy_path=str(FIXTURES / "llama"), reward_path=str(FIXTURES / "llama_reward"))
 
 
 def get_config(arg: str | None = None):

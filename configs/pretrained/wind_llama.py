@@ -35,10 +35,9 @@ pair scorer (tests/fixtures/pretrained), a few steps on a CPU:
     python -m bond.main --config=configs/pretrained/wind_llama.py:tiny --workdir=/tmp/wind_tiny
 """
 
-import json
 from pathlib import Path
 
-from bond.config_base import apply_args, base_config
+from bond.config_base import apply_args, base_config, pretrained_smoke_run
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "pretrained"
 TINY_PROMPTS = [
@@ -55,16 +54,11 @@ TINY_PROMPTS = [
 
 def tiny(c):
     """The test fixtures, a few steps, small lengths: a smoke run of the whole path."""
-    c.pretrained.update(
-        policy_path=str(FIXTURES / "llama"), reward_path=str(FIXTURES / "llama_reward"),
-        preference_path=str(FIXTURES / "llama_reward"), eos_token="", preference_separator="",
-        max_prompt_length=32, max_new_tokens=8, param_dtype="float32", chat_template=True,
+    pretrained_smoke_run(
+        c, TINY_PROMPTS, policy_path=str(FIXTURES / "llama"), reward_path=str(FIXTURES / "llama_reward"),
+        preference_path=str(FIXTURES / "llama_reward"), preference_separator="",
     )
-    c.pretrained.prompts.update(source="inline:" + json.dumps(TINY_PROMPTS), template="{text}")
-    c.update(steps=3, batch_size=8, log_every=1, plots=False, mesh_shape=(-1, 1, 1))
     c.algo.num_samples = 2
-    c.eval.update(every=2, num_prompts=4, num_samples=4)
-    c.checkpoint.update(every=2, keep=2)
     return c
 
 
