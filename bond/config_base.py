@@ -45,7 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.temperature = 1.0
     c.top_k = 0
     c.top_p = 1.0
-    c.min_new_tokens = 0  # EOS is masked for the first min_new_tokens response tokens (0 = off)
+    c.min_new_tokens = 0  # sampling masks EOS for the first min_new_tokens tokens (0 = off); log-probs stay the model's
     # Draw the reference samples an algorithm needs once per train prompt, reuse them every epoch.
     c.cache_reference_samples = True
 

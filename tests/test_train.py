@@ -181,6 +181,19 @@ def test_cli_config_error_is_one_line_and_exit_2(cache_dir, tmp_path):
     assert "Traceback" not in err
 
 
+def test_runner_keeps_compiled_programs_under_the_cache_dir(tmp_path, monkeypatch):
+    from bond.main import use_compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        assert use_compilation_cache(str(tmp_path)) == str(tmp_path / "xla") == jax.config.jax_compilation_cache_dir
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "mine"))
+        assert use_compilation_cache(str(tmp_path)) == str(tmp_path / "mine") == jax.config.jax_compilation_cache_dir
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
 def test_nonfinite_loss_stops_the_run_naming_step_and_checkpoint(cache_dir, tmp_path):
     """Ten good steps (checkpoints at 5 and 10), then the same folder resumed with a learning rate
     that blows the policy up. Step 11's loss is still finite (its update is what breaks the
