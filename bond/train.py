@@ -12,6 +12,7 @@ enter the step as traced arrays (`hparams`): changing them does not recompile.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
@@ -271,24 +272,52 @@ def _update_anchor(kind: str, anchor, params, step, hp, period: int):
     return anchor
 
 
-def _sample_metrics(name: str, samples: Optional[Samples]) -> dict[str, jax.Array]:
+def _sample_metrics(name: str, samples: Optional[Samples], kl_ref_estimate: Callable[[], jax.Array]) -> dict:
     if samples is None:
         return {}
     return {
         f"{name}_reward": jnp.mean(samples.rewards),
         f"{name}_length": jnp.mean(jnp.sum(samples.response_mask, axis=-1)),
-        f"{name}_kl_ref_estimate": jnp.mean(samples.sampler_logp - samples.ref_logp),
+        f"{name}_kl_ref_estimate": kl_ref_estimate(),
     }
+
+
+def ref_logps_unread_by_loss(loss: Callable[[LossInputs], Any], inputs: LossInputs) -> set[str]:
+    """The sample sets ('policy', 'anchor') whose ref_logp the loss never reads.
+
+    Found by tracing the loss with those arrays as its only inputs and following its outputs back
+    through the operations that compute them (without evaluating anything; an operation with a
+    needed output needs all its operands). A log-prob pass the loss does not read serves only the
+    metrics, so the step computes it on logging steps only.
+    """
+    names = [name for name in ("policy", "anchor") if getattr(inputs, name) is not None]
+    if not names:
+        return set()
+
+    def loss_of(*ref_logps):
+        return loss(inputs._replace(**{
+            name: getattr(inputs, name)._replace(ref_logp=value) for name, value in zip(names, ref_logps)
+        }))
+
+    jaxpr = jax.make_jaxpr(loss_of)(*(getattr(inputs, name).ref_logp for name in names)).jaxpr
+    needed = {id(v) for v in jaxpr.outvars}
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(id(v) in needed for v in eqn.outvars):
+            needed.update(id(v) for v in eqn.invars)
+    return {name for name, var in zip(names, jaxpr.invars) if id(var) not in needed}
 
 
 def make_train_step(setup: Setup) -> Callable:
     """The jitted step (state, ref_params, prompts, prompt_mask, prompt_rows, hp, seed_key, ref_cache[, judge_params])
     → (state, metrics). prompt_rows [B] are the prompts' rows in the train set; ref_cache is
     `build_reference_cache`'s output or None; judge_params defaults to `setup.judge_params`
-    (then compiled in as constants: pass them for large judges)."""
+    (then compiled in as constants: pass them for large judges). Metrics are complete on the steps
+    `run` logs (every config.log_every-th and the last); elsewhere a KL-to-reference estimate whose
+    log-prob pass the loss does not need is NaN, its pass skipped."""
     plan, algorithm, model = setup.plan, setup.algorithm, setup.model
     optimizer = make_optimizer(setup.config)
     period = int(setup.config.anchor.period)
+    log_every, num_steps = int(setup.config.log_every), int(setup.config.steps)
 
     def step(state: TrainState, ref_params, prompts, prompt_mask, prompt_rows, hp, seed_key, ref_cache,
              judge_params=None):
@@ -311,12 +340,22 @@ def make_train_step(setup: Setup) -> Callable:
                                         s.attention_mask, s.response_mask))
         inputs = LossInputs(None, policy, anchor, reference, hp, setup.config.algo, k_loss, pair_judge)
 
-        def loss_fn(params):
-            def policy_logp(s: Samples) -> jax.Array:  # every sample's first P columns are its prompt
-                return sequence_logprobs(params, s.tokens, s.response_mask, model=model, attention_mask=s.attention_mask,
-                                         shared_prompt_len=prompts.shape[1])[1]
+        def logp(params, s: Samples) -> jax.Array:  # every sample's first P columns are its prompt
+            return sequence_logprobs(params, s.tokens, s.response_mask, model=model, attention_mask=s.attention_mask,
+                                     shared_prompt_len=prompts.shape[1])[1]
 
-            return algorithm.loss(inputs._replace(policy_logp=policy_logp))
+        def loss_fn(params, loss_inputs=inputs):
+            return algorithm.loss(loss_inputs._replace(policy_logp=functools.partial(logp, params)))
+
+        # Reference log-probs that only the metrics read are computed on the steps that log them.
+        metric_only = ref_logps_unread_by_loss(functools.partial(loss_fn, state.params), inputs)
+        logging = ((state.step + 1) % log_every == 0) | (state.step + 1 == num_steps)
+
+        def kl_ref_estimate(name: str, samples: Samples) -> Callable[[], jax.Array]:
+            if name not in metric_only:
+                return lambda: jnp.mean(samples.sampler_logp - samples.ref_logp)
+            estimate = lambda: jnp.mean(samples.sampler_logp - logp(ref_params, samples))
+            return lambda: jax.lax.cond(logging, estimate, lambda: jnp.float32(jnp.nan))
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         # float32 optimizer state and update math, parameters stored in their own dtype (bfloat16 allowed)
@@ -329,8 +368,8 @@ def make_train_step(setup: Setup) -> Callable:
             **metrics,
             "loss": loss,
             "grad_norm": optax.tree.norm(grads),
-            **_sample_metrics("policy", policy),
-            **_sample_metrics("anchor", anchor),
+            **_sample_metrics("policy", policy, kl_ref_estimate("policy", policy)),
+            **_sample_metrics("anchor", anchor, kl_ref_estimate("anchor", anchor)),
         }
         new_state = TrainState(state.step + 1, params, anchor_params, opt_state, first_bad)
         return new_state, metrics

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -179,6 +180,35 @@ def test_cli_config_error_is_one_line_and_exit_2(cache_dir, tmp_path):
     assert proc.returncode == 2
     assert "config error: config.algo.beta=2.0 must be in [0, 1]" in err
     assert "Traceback" not in err
+
+
+def test_reference_passes_only_the_metrics_read_run_on_logging_steps_only(cache_dir, monkeypatch):
+    """J-BOND's loss reads no reference log-probs (they feed the KL-to-reference metrics only): the
+    step skips those passes except on logging steps, where the metrics equal the always-computed ones."""
+    setup, ref_params = train.make_setup(tiny("j_bond", cache_dir, log_every=2), log=lambda _: None)
+    prompts = np.asarray(setup.task.prompts("train", setup.config.batch_size, 0).tokens)
+    args = (ref_params, prompts, np.ones_like(prompts), np.arange(len(prompts)), train.hparams(setup.config),
+            jax.random.PRNGKey(0), None)
+    state0 = train.init_state(setup, ref_params)
+    state1, first = jax.jit(train.make_train_step(setup))(state0, *args)
+    _, logged = jax.jit(train.make_train_step(setup))(state1, *args)
+    monkeypatch.setattr(train, "ref_logps_unread_by_loss", lambda loss, inputs: set())
+    _, always = jax.jit(train.make_train_step(setup))(state1, *args)
+    for name in ("policy_kl_ref_estimate", "anchor_kl_ref_estimate"):
+        assert np.isnan(first[name])  # step 1 of log_every=2: not logged, not computed
+        assert np.isfinite(always[name]) and always[name] != 0
+        np.testing.assert_allclose(logged[name], always[name], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(logged["loss"], always["loss"], rtol=1e-6)
+
+
+def test_loss_reads_are_found_by_tracing():
+    samples = lambda s: algorithms.Samples(*(jnp.zeros((2, s, 6), jnp.int32),) * 2, jnp.ones((2, s, 6)),
+                                           *(jnp.zeros((2, s)),) * 4)
+    inputs = algorithms.LossInputs(lambda s: s.sampler_logp + 0.0,
+                                   samples(4), samples(2), None, {"beta": 0.5, "gamma": 0.1, "kl_coef": 0.05},
+                                   None, jax.random.key(0))
+    assert train.ref_logps_unread_by_loss(algorithms.get_algorithm("j_bond").loss, inputs) == {"policy", "anchor"}
+    assert train.ref_logps_unread_by_loss(algorithms.get_algorithm("reinforce").loss, inputs) == {"anchor"}
 
 
 def test_runner_keeps_compiled_programs_under_the_cache_dir(tmp_path, monkeypatch):
