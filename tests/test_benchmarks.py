@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from bond.models import TransformerConfig, count_params, init_params, logits
 from bond.sampling import sample
@@ -49,6 +50,8 @@ def _run(script: str, *args: str) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.skipif(not online_step.DEFAULT_WORKLOAD.is_file(),
+                    reason=f"the shared benchmark workload {online_step.DEFAULT_WORKLOAD} is not beside this checkout")
 def test_online_step_smoke_prints_one_line_per_algorithm_with_the_documented_keys():
     (line,) = _run("online_step.py", "--smoke", "--algorithms=rloo")
     assert ONLINE_STEP_KEYS <= set(line)
