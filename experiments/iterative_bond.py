@@ -77,14 +77,8 @@ def run_configs(quick: bool) -> dict[str, ml_collections.ConfigDict]:
     """label → config: iterative BOND for each n, BOND for each N, on one shared budget."""
     b = budget(quick)
     shared = {
-        "steps": b.steps,
-        "eval.every": b.eval_every,
+        **common.run_overrides(b.steps, b.eval_every, checkpoint_every=b.steps if quick else b.period, seed=SEED),
         "eval.bon_ns": eval_bon_ns(b),
-        "checkpoint.every": b.steps if quick else b.period,
-        "seed": SEED,
-        # One device: the numbers do not depend on it, and a test process's fake devices would
-        # only pad each program (bond/population.py) without making it faster on a CPU.
-        "num_devices": 1,
     }
     configs = {}
     for n in b.iterative_ns:

@@ -78,13 +78,7 @@ def hard_label(eta: float) -> str:
 def run_configs(quick: bool) -> dict[str, ml_collections.ConfigDict]:
     """label → config: the EMA runs (η sweep at γ = 0, γ sweep at η = 0.05), then the hard anchors."""
     b = budget(quick)
-    shared = {
-        "steps": b.steps,
-        "eval.every": b.eval_every,
-        "checkpoint.every": b.steps if quick else 50,
-        "seed": SEED,
-        "num_devices": 1,  # the numbers do not depend on it; a test's fake devices would only pad populations
-    }
+    shared = common.run_overrides(b.steps, b.eval_every, checkpoint_every=b.steps if quick else 50, seed=SEED)
     points = [(eta, 0.0) for eta in b.etas] + [(GAMMA_ETA, gamma) for gamma in b.gammas]
     configs = {
         ema_label(eta, gamma): common.config(

@@ -61,13 +61,7 @@ def budget(quick: bool) -> Budget:
 def run_configs(quick: bool) -> dict[str, ml_collections.ConfigDict]:
     """label → config: REINFORCE for each β_RL (one population) and J-BOND."""
     b = budget(quick)
-    shared = {
-        "steps": b.steps,
-        "eval.every": b.eval_every,
-        "checkpoint.every": b.steps if quick else 50,
-        "seed": SEED,
-        "num_devices": 1,  # the numbers do not depend on it; a test's fake devices would only pad populations
-    }
+    shared = common.run_overrides(b.steps, b.eval_every, checkpoint_every=b.steps if quick else 50, seed=SEED)
     configs = {
         f"reinforce_kl{coef:g}": common.config("reinforce.py", quick, **shared, **{"algo.kl_coef": coef})
         for coef in KL_COEFS

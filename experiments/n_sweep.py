@@ -115,13 +115,9 @@ def check(record: dict) -> None:
         assert -1e-4 <= b["kl_bon_ref"] <= b["kl_bound"] + 1e-4, f"BoN {n}: KL(π_BoN‖π_ref) outside [0, bound]"
     bon_rewards = [record["best_of_n"][str(n)]["reward"] for n in NS_FULL]
     assert np.all(np.diff(bon_rewards) > 0), "exact Best-of-N reward not increasing in N"
-    assert record["runs"], "no training runs"
+    common.check_run_curves(record["runs"], None, expected_points,
+                            keys=("reward", "kl_policy_ref", "kl_policy_bon", "kl_bon_policy", "win_rate_vs_ref"))
     for label, r in record["runs"].items():
-        for key in ("reward", "kl_policy_ref", "kl_policy_bon", "kl_bon_policy", "win_rate_vs_ref"):
-            values = np.asarray(r[key], float)
-            assert len(values) == expected_points, f"{label}: {key} has {len(values)} points, not {expected_points}"
-            assert np.all(np.isfinite(values)), f"{label}: {key} not finite"
-        assert abs(r["kl_policy_ref"][0]) < 1e-4, f"{label}: KL(π‖π_ref) at step 0 is not 0"
         assert abs(r["reward"][0] - record["reference_reward"]) < 1e-4, f"{label}: step-0 reward is not π_ref's"
 
 

@@ -246,12 +246,8 @@ def check(record: dict) -> None:
         assert t["kl_policy_ref"] >= -1e-9 and t["kl_policy_bon"] >= -1e-9, f"optimum k = {name}: negative KL"
     expected_points = record["steps"] // record["eval_every"] + 1
     assert {str(r["k"]) for r in record["runs"].values()} == set(ks), "a training run is missing"
-    for label, r in record["runs"].items():
-        for key in ("kl_policy_bon", "kl_bon_policy", "reward", "kl_policy_ref", "log_quantile"):
-            values = np.asarray(r[key], float)
-            assert len(values) == expected_points, f"{label}: {key} has {len(values)} points, not {expected_points}"
-            assert np.all(np.isfinite(values)), f"{label}: {key} not finite"
-        assert abs(r["kl_policy_ref"][0]) < 1e-4, f"{label}: KL(π‖π_ref) at step 0 is not 0"
+    common.check_run_curves(record["runs"], None, expected_points,
+                            keys=("kl_policy_bon", "kl_bon_policy", "reward", "kl_policy_ref", "log_quantile"))
 
 
 if __name__ == "__main__":
