@@ -272,13 +272,14 @@ def _update_anchor(kind: str, anchor, params, step, hp, period: int):
     return anchor
 
 
-def _sample_metrics(name: str, samples: Optional[Samples], kl_ref_estimate: Callable[[], jax.Array]) -> dict:
+def _sample_metrics(name: str, samples: Optional[Samples],
+                    kl_ref_estimate: Callable[[str, Samples], jax.Array]) -> dict[str, jax.Array]:
     if samples is None:
         return {}
     return {
         f"{name}_reward": jnp.mean(samples.rewards),
         f"{name}_length": jnp.mean(jnp.sum(samples.response_mask, axis=-1)),
-        f"{name}_kl_ref_estimate": kl_ref_estimate(),
+        f"{name}_kl_ref_estimate": kl_ref_estimate(name, samples),
     }
 
 
@@ -351,11 +352,11 @@ def make_train_step(setup: Setup) -> Callable:
         metric_only = ref_logps_unread_by_loss(functools.partial(loss_fn, state.params), inputs)
         logging = ((state.step + 1) % log_every == 0) | (state.step + 1 == num_steps)
 
-        def kl_ref_estimate(name: str, samples: Samples) -> Callable[[], jax.Array]:
+        def kl_ref_estimate(name: str, samples: Samples) -> jax.Array:
             if name not in metric_only:
-                return lambda: jnp.mean(samples.sampler_logp - samples.ref_logp)
+                return jnp.mean(samples.sampler_logp - samples.ref_logp)
             estimate = lambda: jnp.mean(samples.sampler_logp - logp(ref_params, samples))
-            return lambda: jax.lax.cond(logging, estimate, lambda: jnp.float32(jnp.nan))
+            return jax.lax.cond(logging, estimate, lambda: jnp.float32(jnp.nan))
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         # float32 optimizer state and update math, parameters stored in their own dtype (bfloat16 allowed)
@@ -368,8 +369,8 @@ def make_train_step(setup: Setup) -> Callable:
             **metrics,
             "loss": loss,
             "grad_norm": optax.tree.norm(grads),
-            **_sample_metrics("policy", policy, kl_ref_estimate("policy", policy)),
-            **_sample_metrics("anchor", anchor, kl_ref_estimate("anchor", anchor)),
+            **_sample_metrics("policy", policy, kl_ref_estimate),
+            **_sample_metrics("anchor", anchor, kl_ref_estimate),
         }
         new_state = TrainState(state.step + 1, params, anchor_params, opt_state, first_bad)
         return new_state, metrics
