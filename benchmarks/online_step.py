@@ -1,6 +1,6 @@
 """One online step per algorithm on the shared workload (bon_gpt2_tiny_v1): seconds per step and its phases.
 
-The step is bond's own (`bond.train.compile_train_step`, what `bond.train.run` calls every step) on a
+The step is bond's own (the run context's compiled step, what `bond.train.run` calls every step) on a
 Setup built for the workload: the GPT-2-shaped model (4 layers, d 256, vocab 512, float32, random
 weights; the reference is the initial policy), the 16 x 16 prompts of `make_prompts()`, 4 policy
 samples per prompt (plus each algorithm's other planned samples), exactly 32 new tokens (EOS masked
@@ -16,7 +16,8 @@ ids), Adam(lr 1e-5) = AdamW without weight decay, global-norm clipping at 1.0.
 Prints one JSON line per algorithm (keys in benchmarks/README.md); with --compare, one more line for
 the sampler against HF generate, and the rloo line carries TRL's seconds per step and the ratio.
 Timing: the first call compiles; then 2 warm-up steps and the median of 5 timed steps, each ended by
-block_until_ready. Phases are timed as separate jitted programs on the same inputs.
+block_until_ready. Phases are the step's own phase functions (bond/step.py), each jitted on its own and
+timed on the same inputs.
 """
 
 from __future__ import annotations
@@ -33,11 +34,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from bond import algorithms, sharding, train
-from bond.algorithms import LossInputs, Samples
+from bond import algorithms, sharding
+from bond.algorithms import Drawn, LossInputs, Samples
 from bond.config_base import base_config
-from bond.models import TransformerConfig, config_from_gpt2, init_params, sequence_logprobs
-from bond.sampling import sample
+from bond.context import Setup, anchor_kind, assemble
+from bond.models import TransformerConfig, config_from_gpt2, init_params
+from bond.step import (
+    TrainState, anchor_update, fixed_logprobs, loss_and_grad, make_optimizer, optimizer_update, pair_judge_of,
+    sample_responses, score,
+)
 from bond.tasks import Prompts, Task
 
 from common import (
@@ -118,25 +123,28 @@ def workload_config(workload: dict, algorithm: str) -> ml_collections.ConfigDict
     return c
 
 
-def workload_setup(workload: dict, prompts: np.ndarray, algorithm: str) -> train.Setup:
-    """A train.Setup for the workload on one device (what make_setup builds for a built-in task)."""
+def workload_setup(workload: dict, prompts: np.ndarray, algorithm: str) -> Setup:
+    """A bond Setup for the workload on one device (what make_setup builds for a built-in task),
+    whose train prompts are the workload's: step t's batch is all of them, in order."""
     config = workload_config(workload, algorithm)
     task = workload_task(workload, prompts)
     algo = algorithms.get_algorithm(algorithm)
+    tokens = np.asarray(prompts, np.int32)
 
     def reward_fn(judge_params, tokens, attention_mask, response_mask):
         return task.reward(tokens, response_mask)
 
-    return train.Setup(
+    return Setup(
         config=ml_collections.FrozenConfigDict(config),
         task=task,
         model=config_from_gpt2(workload["model"]),
         algorithm=algo,
         plan=algo.plan(config.algo),
-        anchor_kind=train.anchor_kind(config, algo),
+        anchor_kind=anchor_kind(config, algo),
         reward_fn=reward_fn,
         eval_reward_fn=reward_fn,
         mesh=sharding.make_mesh(config.mesh_shape, devices=jax.devices()[:1]),
+        train_prompts=[{"prompt": row, "prompt_mask": np.ones_like(row)} for row in tokens],
     )
 
 
@@ -171,79 +179,58 @@ def train_flops(model: TransformerConfig, shape: tuple[int, int, int], prompt_le
 # Phases, each its own jitted program
 
 
-def phase_functions(setup: train.Setup):
-    """(sample, score, logprobs, update) as jitted functions of the step's inputs; see the README."""
-    c, plan, model = setup.config, setup.plan, setup.model
-    optimizer = train.make_optimizer(c)
-    plain = c.temperature == 1.0 and c.top_k == 0 and c.top_p == 1.0 and c.min_new_tokens == 0
-    options = dict(max_new_tokens=setup.task.max_response_length, temperature=c.temperature, top_k=c.top_k,
-                   top_p=c.top_p, eos_id=setup.task.eos_id, min_new_tokens=c.min_new_tokens)
+def phase_functions(setup: Setup):
+    """(sample, score, logprobs, update): the train step's own phases (bond/step.py), each jitted
+    on its own so that it can be timed; composed they compute what the fused step computes."""
+    plan, period = setup.plan, int(setup.config.anchor.period)
+    optimizer = make_optimizer(setup.config)
     prompt_length = setup.task.prompt_length
 
     @jax.jit
     def sample_phase(params, anchor_params, prompts, prompt_mask, key):
         k_policy, k_anchor = jax.random.split(key)
-        policy = sample(model, params, prompts, prompt_mask, k_policy, num_samples=plan.policy, **options)
-        anchor = (sample(model, anchor_params, prompts, prompt_mask, k_anchor, num_samples=plan.anchor, **options)
-                  if plan.anchor else None)
+        policy = sample_responses(setup, params, prompts, prompt_mask, k_policy, plan.policy)
+        anchor = sample_responses(setup, anchor_params, prompts, prompt_mask, k_anchor, plan.anchor) if plan.anchor else None
         return policy, anchor
 
     @jax.jit
-    def score_phase(drawn):
-        def score(out):
-            b, s, t = out.tokens.shape
-            flat = lambda x: x.reshape(b * s, t)
-            rewards = setup.reward_fn(setup.judge_params, flat(out.tokens), flat(out.attention_mask),
-                                      flat(out.response_mask))
-            return rewards.reshape(b, s)
-
-        return jax.tree.map(score, drawn, is_leaf=lambda x: hasattr(x, "tokens"))
+    def score_phase(judges, drawn):
+        return tuple(None if out is None else score(setup, judges, out) for out in drawn)
 
     @jax.jit
-    def logprobs_phase(ref_params, anchor_params, drawn):
-        """The log-prob passes without gradient that train._draw makes (the sampler's own are reused)."""
-        def under(params, out, is_source):
-            if params is None:
-                return jnp.zeros(out.tokens.shape[:2])
-            if is_source and plain:
-                return out.logprobs.sum(-1)
-            return sequence_logprobs(params, out.tokens, out.response_mask, model=model,
-                                     attention_mask=out.attention_mask, shared_prompt_len=prompt_length)[1]
+    def logprobs_phase(ref_params, anchor_params, drawn, rewards) -> Drawn:
+        logp_params = {"reference": ref_params, "anchor": anchor_params}
 
-        policy, anchor = drawn
-        result = {"policy": (under(ref_params, policy, False), under(anchor_params, policy, False))}
-        if anchor is not None:
-            result["anchor"] = (under(ref_params, anchor, False), under(anchor_params, anchor, True))
-        return result
+        def fixed(out, r, source):
+            if out is None:
+                return None
+            samples = Samples(out.tokens, out.attention_mask, out.response_mask, r, out.logprobs.sum(-1), None, None)
+            return fixed_logprobs(setup, samples, source, logp_params, setup.algorithm.reads_of(source), prompt_length)
 
-    sequences_seen = []
+        return Drawn(fixed(drawn[0], rewards[0], "policy"), fixed(drawn[1], rewards[1], "anchor"), None)
 
     @jax.jit
-    def update_phase(params, opt_state, policy: Samples, anchor, hp, key):
-        """Loss, its gradient through the policy's log-probs, Adam with clipping: train.make_train_step's update."""
-        sequences_seen.clear()
-        inputs = LossInputs(None, policy, anchor, None, hp, c.algo, key)
+    def update_phase(state: TrainState, drawn: Drawn, hp, key, judges):
+        (loss, _), grads = loss_and_grad(setup, state.params, drawn, hp, key, pair_judge_of(setup, judges),
+                                         prompt_length)
+        params, opt_state = optimizer_update(optimizer, state.params, state.opt_state, grads, hp)
+        anchor = anchor_update(setup.anchor_kind, state.anchor_params, params, state.step, hp, period)
+        return params, opt_state, anchor, loss
 
-        def loss_fn(p):
-            def policy_logp(s: Samples) -> jax.Array:
-                sequences_seen.append(s.tokens.shape)
-                return sequence_logprobs(p, s.tokens, s.response_mask, model=model, attention_mask=s.attention_mask,
-                                         shared_prompt_len=prompt_length)[1]
-
-            return setup.algorithm.loss(inputs._replace(policy_logp=policy_logp))
-
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        lr = hp["learning_rate"] * hp["lr_scale"]
-        return jax.tree.map(lambda p, u: p - lr * u, params, updates), opt_state, loss
-
-    return sample_phase, score_phase, logprobs_phase, update_phase, sequences_seen
+    return sample_phase, score_phase, logprobs_phase, update_phase
 
 
-def as_samples(out, rewards, logps) -> Samples:
-    ref_logp, anchor_logp = logps
-    return Samples(out.tokens, out.attention_mask, out.response_mask, rewards, out.logprobs.sum(-1), ref_logp,
-                   anchor_logp)
+def loss_sequence_shapes(setup: Setup, drawn: Drawn, hp, key) -> list[tuple[int, ...]]:
+    """The [B, S, T] shapes of the samples the loss runs the policy's differentiable log-prob pass
+    on (traced with jax.eval_shape, nothing computed): what the update's FLOPs are counted over."""
+    shapes = []
+
+    def record(samples: Samples) -> jax.Array:
+        shapes.append(tuple(samples.tokens.shape))
+        return samples.sampler_logp * 1.0
+
+    jax.eval_shape(lambda: setup.algorithm.loss(LossInputs(record, *drawn, hp, setup.config.algo, key)))
+    return shapes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,27 +244,16 @@ def time_algorithm(workload: dict, prompts: np.ndarray, name: str, peak_gflops: 
     setup = workload_setup(workload, prompts, ALGORITHMS[name])
     length = sampling["max_new_tokens"]
     batch = setup.config.batch_size
-    ref_params = init_params(setup.model, jax.random.key(0))
-    state = train.init_state(setup, ref_params)
-    shardings = train.state_shardings(setup, state)
-    state = jax.device_put(state, shardings)
-    ref_params = jax.device_put(ref_params, shardings.params)
-    hp = train.hparams(setup.config)
-    seed_key = jax.random.PRNGKey(0)
-    prompt_tokens = np.asarray(prompts, np.int32)
-    prompt_mask = np.ones_like(prompt_tokens)
-    rows = np.arange(batch)
+    context = assemble(setup, init_params(setup.model, jax.random.key(0)))
+    state, fixed, traced, step_batch = context.state, context.fixed, context.traced, context.batch(0)
     result = {"algorithm": name, "registered_as": ALGORITHMS[name], "workload": workload["name"],
               "prompts": batch, "samples_per_prompt": {"policy": setup.plan.policy, "anchor": setup.plan.anchor,
                                                        "reference": setup.plan.reference},
               "new_tokens_per_step": batch * (setup.plan.policy + setup.plan.anchor + setup.plan.reference) * length}
 
-    step = train.compile_train_step(setup, state, ref_params)
-
     def call():
         nonlocal state
-        state, metrics = step(state, ref_params, prompt_tokens, prompt_mask, rows, hp, seed_key, None,
-                              setup.judge_params)
+        state, metrics = context.step(state, step_batch, fixed, traced)
         jax.block_until_ready((state, metrics))
         return metrics
 
@@ -296,22 +272,18 @@ def time_algorithm(workload: dict, prompts: np.ndarray, name: str, peak_gflops: 
                   call_s=seconds, cpu_s=cpu_seconds, recompiles=steady.compiles)
 
     # Phases on the same inputs (the final state's parameters).
-    sample_phase, score_phase, logprobs_phase, update_phase, sequences_seen = phase_functions(setup)
-    params, anchor_params, opt_state = state.params, state.anchor_params, state.opt_state
+    sample_phase, score_phase, logprobs_phase, update_phase = phase_functions(setup)
     key = jax.random.key(1)
-    prompts_dev = jnp.asarray(prompt_tokens)
-    mask_dev = jnp.asarray(prompt_mask)
-    drawn = sample_phase(params, anchor_params, prompts_dev, mask_dev, key)
-    rewards = score_phase(drawn)
-    logps = logprobs_phase(ref_params, anchor_params, drawn)
-    policy = as_samples(drawn[0], rewards[0], logps["policy"])
-    anchor = as_samples(drawn[1], rewards[1], logps["anchor"]) if drawn[1] is not None else None
-    update_args = (params, opt_state, policy, anchor, hp, jax.random.key(2))
+    drawn = sample_phase(state.params, state.anchor_params, step_batch.prompts, step_batch.prompt_mask, key)
+    rewards = score_phase(fixed.judges, drawn)
+    samples = logprobs_phase(fixed.reference, state.anchor_params, drawn, rewards)
+    update_args = (state, samples, traced.hparams, jax.random.key(2), fixed.judges)
     jax.block_until_ready(update_phase(*update_args))
+    sequences_seen = loss_sequence_shapes(setup, samples, traced.hparams, jax.random.key(2))
     calls = {
-        "sample": lambda: sample_phase(params, anchor_params, prompts_dev, mask_dev, key),
-        "score": lambda: score_phase(drawn),
-        "logprobs": lambda: logprobs_phase(ref_params, anchor_params, drawn),
+        "sample": lambda: sample_phase(state.params, state.anchor_params, step_batch.prompts, step_batch.prompt_mask, key),
+        "score": lambda: score_phase(fixed.judges, drawn),
+        "logprobs": lambda: logprobs_phase(fixed.reference, state.anchor_params, drawn, rewards),
         "update": lambda: update_phase(*update_args),
     }
     timings = {phase: median_time(lambda f=f: jax.block_until_ready(f()), warmup, timed)
@@ -322,7 +294,7 @@ def time_algorithm(workload: dict, prompts: np.ndarray, name: str, peak_gflops: 
     result["phases_cpu_s"] = {phase: t[2] for phase, t in timings.items()}
     result["phases_sum_s"] = sum(phases.values())
     update_sequences = sum(int(np.prod(shape[:-1])) for shape in sequences_seen)
-    flops = sum(train_flops(setup.model, shape, prompt_tokens.shape[1]) for shape in sequences_seen)
+    flops = sum(train_flops(setup.model, shape, setup.task.prompt_length) for shape in sequences_seen)
     peak_wall, peak_cpu = peak_gflops
     update_cpu_s = result["phases_cpu_s"]["update"]
     result.update(

@@ -32,6 +32,8 @@ from pathlib import Path
 import jax
 
 from bond import population, sweep, train
+from bond.context import build_context
+from bond.evaluation import Evaluator
 
 SWEEP = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "j_bond_gamma_seeds.py"
 
@@ -51,9 +53,8 @@ def main() -> None:
     quiet = lambda _: None
     # Not timed: pretraining (or loading) the reference, and compiling the exact evaluator for
     # parameters placed as both ways place them.
-    setup, ref_params = train.make_setup(base, lambda m: print(m, file=sys.stderr))
-    ref_params = jax.device_put(ref_params, train.state_shardings(setup, train.init_state(setup, ref_params)).params)
-    train.Evaluator(setup, ref_params, jax.random.PRNGKey(0))(ref_params)
+    context = build_context(base, lambda m: print(m, file=sys.stderr))
+    Evaluator(context.setup, context.local_reference, jax.random.PRNGKey(0))(context.local_reference)
 
     # The runs' progress lines go nowhere: the JSON line is the only output.
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):

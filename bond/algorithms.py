@@ -21,7 +21,9 @@ and then `--config.algorithm=hinge_bond`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple, Optional
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,7 @@ import ml_collections
 
 from bond import bon, losses
 from bond.losses import distribution_matching, policy_gradient, preference, rejection_sft
+from bond.losses.wind import VARIANTS as WIND_VARIANTS
 from bond.models import preferences_from_rewards
 
 
@@ -49,8 +52,20 @@ class Samples(NamedTuple):
     anchor_logp: jax.Array
 
 
+class Drawn(NamedTuple):
+    """The step's planned samples (`SamplingPlan`): from the policy, the anchor and the reference; None where the plan draws none."""
+
+    policy: Optional[Samples]
+    anchor: Optional[Samples]
+    reference: Optional[Samples]
+
+
 class LossInputs(NamedTuple):
-    """What a loss sees: samples, the differentiable policy log-prob, traced hyperparameters."""
+    """What a loss sees: samples, the differentiable policy log-prob, traced hyperparameters.
+
+    A sample set's ref_logp / anchor_logp are filled when the algorithm declares that its loss
+    reads them (`Algorithm.reads`) or when they are free (the sampler's own log-probs); else None.
+    """
 
     policy_logp: Callable[[Samples], jax.Array]  # Samples [B, S, T] → log π_θ(y) [B, S], differentiable
     policy: Optional[Samples]
@@ -82,24 +97,137 @@ class SamplingPlan:
 
 LossFn = Callable[[LossInputs], tuple[jax.Array, dict[str, jax.Array]]]
 
+# How rewards become pairwise preferences (bond/models/reward.py preferences_from_rewards).
+PREFERENCE_KINDS = ("hard", "bradley_terry")
+# The fixed log-prob fields of a sample set a loss may read.
+FIXED_LOGPROBS = ("ref_logp", "anchor_logp")
+SAMPLE_SETS = ("policy", "anchor", "reference")
+
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+    """A config.algo field: its default, what it means, and the values it allows.
+
+    `check(value)` returns None for an allowed value, else the rule it breaks ("must be > 0").
+    """
+
+    default: Any
+    doc: str
+    check: Callable[[Any], Optional[str]] = lambda value: None
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def number_in(low: float, high: float = math.inf, *, low_open: bool = False, integer: bool = False):
+    """A Knob check: a finite number in [low, high] ((low, high] with low_open), an integer if asked."""
+
+    def check(value) -> Optional[str]:
+        kind = "an integer" if integer else "a finite number"
+        if not _finite(value) or (integer and value != int(value)):
+            return f"must be {kind}"
+        above = value > low if low_open else value >= low
+        if not (above and value <= high):
+            low_text = f"> {low:g}" if low_open else f">= {low:g}"
+            return f"must be {low_text}" if high == math.inf else f"must be in {'(' if low_open else '['}{low:g}, {high:g}]"
+        return None
+
+    return check
+
+
+def one_of(choices: Sequence[str]):
+    """A Knob check: one of `choices`."""
+    return lambda value: None if value in choices else f"must be one of {tuple(choices)}"
+
+
+# Every config.algo field, declared once; bond/config_base.py builds config.algo from these
+# defaults and each algorithm names the ones it reads (`Algorithm.knobs`), which `validate` checks.
+KNOBS: dict[str, Knob] = {
+    "n": Knob(8.0, "N of best-of-N", number_in(2, integer=True)),
+    "beta": Knob(0.5, "Jeffreys mix: (1−β)·forward + β·backward", number_in(0, 1)),
+    "gamma": Knob(0.0, "J-BOND's γ·KL(π‖π_anchor)", number_in(0)),
+    "num_samples": Knob(1, "policy samples per prompt", number_in(1, integer=True)),
+    "num_ref_samples": Knob(16, "k reference (or anchor) samples per prompt for quantiles (BOND draws max(k, N))",
+                            number_in(1, integer=True)),
+    "kl_coef": Knob(0.05, "β of REINFORCE's KL(π‖π_ref) penalty", number_in(0)),
+    "pref_beta": Knob(0.1, "β of DPO / IPO / SPPO", number_in(0, low_open=True)),
+    "wind_eta": Knob(1.0, "WIND step size η", number_in(0, low_open=True)),
+    "wind_beta": Knob(0.1, "WIND KL-to-reference strength β", number_in(0)),
+    "wind_variant": Knob("square", "WIND loss", one_of(WIND_VARIANTS)),
+    "preference": Knob("hard", "how rewards become P(y ≻ y')", one_of(PREFERENCE_KINDS)),
+    "target_temperature": Knob(1.0, "GDC++ target P = π_ref·exp(r / τ)", number_in(0, low_open=True)),
+    "bonbon_alpha": Knob(0.5, "BoNBoN's SFT weight α", number_in(0, 1)),
+}
+
+
+def default_algo_config() -> ml_collections.ConfigDict:
+    """config.algo with every declared knob at its default (`KNOBS`)."""
+    return ml_collections.ConfigDict({name: knob.default for name, knob in KNOBS.items()})
+
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
-    """A registered algorithm.
+    """A registered algorithm: everything the runner needs to know about it, in one declaration.
 
     plan: config.algo → SamplingPlan (sample counts are static shapes).
     loss: LossInputs → (loss, metrics).
     anchor: the default anchor rule ('none', 'hard' or 'ema'); config.anchor.kind may override
       it for algorithms that use an anchor.
-    validate: optional extra config checks; raise ValueError naming the field.
+    knobs: the config.algo fields it reads (names in `KNOBS`); `validate` checks each against its
+      Knob's rule (`check_config`). A knob not in KNOBS is declared by `extra_knobs` (name → Knob) and added to
+      config.algo with its default when the config lacks it.
+    reads: the fixed log-prob passes its loss reads, as "<set>.<field>" ("policy.ref_logp",
+      "policy.anchor_logp", "reference.ref_logp", ...); the step computes only those (and the free
+      ones, the sampler's own log-probs). None: every pass of every set (always correct, slower).
+    validate: optional extra config checks across knobs; raise ValueError naming the field.
     """
 
     name: str
     plan: Callable[[ml_collections.ConfigDict], SamplingPlan]
     loss: LossFn
     anchor: str = "none"
+    knobs: tuple[str, ...] = ()
+    reads: Optional[tuple[str, ...]] = None
+    extra_knobs: Mapping[str, Knob] = dataclasses.field(default_factory=dict)
     validate: Optional[Callable[[ml_collections.ConfigDict], None]] = None
     paper: str = ""
+
+    def __post_init__(self):
+        unknown = [k for k in self.knobs if k not in KNOBS and k not in self.extra_knobs]
+        if unknown:
+            raise ValueError(f"algorithm {self.name!r}: knobs {unknown} are not declared; add them to extra_knobs.")
+        for entry in self.reads or ():
+            name, _, field = entry.partition(".")
+            if name not in SAMPLE_SETS or field not in FIXED_LOGPROBS:
+                raise ValueError(f"algorithm {self.name!r}: reads entry {entry!r} is not '<set>.<field>' with set in "
+                                 f"{SAMPLE_SETS} and field in {FIXED_LOGPROBS}.")
+
+    def reads_of(self, sample_set: str) -> frozenset[str]:
+        """The fixed log-prob fields the loss reads of `sample_set`'s samples."""
+        if self.reads is None:
+            return frozenset(FIXED_LOGPROBS)
+        return frozenset(field for name, _, field in (r.partition(".") for r in self.reads) if name == sample_set)
+
+    def with_defaults(self, algo: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+        """`algo` with this algorithm's extra knobs added at their defaults where missing."""
+        algo = ml_collections.ConfigDict(algo)
+        for name, knob in self.extra_knobs.items():
+            if name not in algo:
+                algo[name] = knob.default
+        return algo
+
+    def check_config(self, algo: ml_collections.ConfigDict) -> None:
+        """Raises ValueError naming the first knob this algorithm reads whose value is not allowed."""
+        for name in self.knobs:
+            knob = self.extra_knobs.get(name) or KNOBS[name]
+            if name not in algo:
+                raise ValueError(f"config.algo.{name} is missing; algorithm {self.name!r} reads it ({knob.doc}).")
+            problem = knob.check(algo[name])
+            if problem:
+                raise ValueError(f"config.algo.{name}={algo[name]!r} {problem} ({knob.doc}).")
+        if self.validate is not None:
+            self.validate(algo)
 
 
 _REGISTRY: dict[str, Algorithm] = {}
@@ -134,12 +262,12 @@ def take_sample(samples: Samples, index: jax.Array) -> Samples:
         idx = index.reshape(index.shape + (1,) * (x.ndim - 1))
         return jnp.take_along_axis(x, idx, axis=1)
 
-    return Samples(*(take(x) for x in samples))
+    return jax.tree.map(take, samples)
 
 
 def first(samples: Samples, count: int) -> Samples:
     """The first `count` samples of each prompt."""
-    return Samples(*(x[:, :count] for x in samples))
+    return jax.tree.map(lambda x: x[:, :count], samples)
 
 
 def log_quantiles(samples: Samples, against: Samples) -> jax.Array:
@@ -309,72 +437,57 @@ def _vbon_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
     )
 
 
-def _at_least(field: str, minimum: float, algo) -> None:
-    if float(algo[field]) < minimum:
-        raise ValueError(f"config.algo.{field}={algo[field]!r} must be at least {minimum}.")
-
-
 def _need_pairs(algo) -> None:
     if algo.num_samples < 2:
         raise ValueError(f"config.algo.num_samples={algo.num_samples} must be at least 2 for pairwise losses.")
 
 
 BOND = "arXiv 2407.14622 (Sessa et al. 2024)"
+_policy_plan = lambda algo: SamplingPlan(policy=algo.num_samples)
 
-register(Algorithm("bond", plan=_bond_plan("reference"), loss=_bond_loss("reference"), paper=BOND + ", §4"))
-register(
-    Algorithm(
-        "iterative_bond", plan=_bond_plan("anchor"), loss=_bond_loss("anchor"), anchor="hard", paper=BOND + ", §5"
-    )
-)
-register(
-    Algorithm(
-        "j_bond", plan=lambda algo: SamplingPlan(policy=algo.num_samples, anchor=2), loss=_j_bond_loss,
-        anchor="ema", paper=BOND + ", §6",
-    )
-)
-register(
-    Algorithm(
-        "wind", plan=lambda algo: SamplingPlan(policy=algo.num_samples), loss=_wind_loss(None), validate=_need_pairs,
-        paper="arXiv 2410.20727 (Yang et al. 2024)",
-    )
-)
-register(
-    Algorithm(
-        "reinforce", plan=lambda algo: SamplingPlan(policy=algo.num_samples), loss=_reinforce_loss,
-        paper="RLOO: Ahmadian et al. 2024, arXiv 2402.14740",
-    )
-)
+register(Algorithm(
+    "bond", plan=_bond_plan("reference"), loss=_bond_loss("reference"),
+    knobs=("n", "beta", "num_samples", "num_ref_samples"), reads=("policy.ref_logp",), paper=BOND + ", §4",
+))
+register(Algorithm(
+    "iterative_bond", plan=_bond_plan("anchor"), loss=_bond_loss("anchor"), anchor="hard",
+    knobs=("n", "beta", "num_samples", "num_ref_samples"), reads=("policy.anchor_logp",), paper=BOND + ", §5",
+))
+register(Algorithm(
+    "j_bond", plan=lambda algo: SamplingPlan(policy=algo.num_samples, anchor=2), loss=_j_bond_loss, anchor="ema",
+    knobs=("beta", "gamma", "num_samples"), reads=("policy.anchor_logp",), paper=BOND + ", §6",
+))
+register(Algorithm(
+    "wind", plan=_policy_plan, loss=_wind_loss(None), validate=_need_pairs,
+    knobs=("num_samples", "wind_eta", "wind_beta", "wind_variant", "preference"), reads=("policy.ref_logp",),
+    paper="arXiv 2410.20727 (Yang et al. 2024)",
+))
+register(Algorithm(
+    "reinforce", plan=_policy_plan, loss=_reinforce_loss, knobs=("num_samples", "kl_coef"), reads=("policy.ref_logp",),
+    paper="RLOO: Ahmadian et al. 2024, arXiv 2402.14740",
+))
 for _name, _fn, _paper in (
     ("dpo", preference.dpo, "arXiv 2305.18290 (online: samples of the policy)"),
     ("ipo", preference.ipo, "arXiv 2310.12036 (online)"),
     ("sppo", preference.sppo_hard, "arXiv 2405.00675 (hard labels, online)"),
 ):
-    register(
-        Algorithm(_name, plan=lambda algo: SamplingPlan(policy=algo.num_samples), loss=_pairwise_loss(_fn),
-                  validate=_need_pairs, paper=_paper)
-    )
-register(
-    Algorithm(
-        "gdcpp", plan=lambda algo: SamplingPlan(policy=algo.num_samples), loss=_gdcpp_loss, validate=_need_pairs,
-        paper="arXiv 2206.00761 (Korbak et al. 2022)",
-    )
-)
-register(
-    Algorithm(
-        "raft", plan=lambda algo: SamplingPlan(policy=algo.num_samples), loss=_raft_loss, validate=_need_pairs,
-        paper="arXiv 2304.06767 (Dong et al. 2023)",
-    )
-)
-register(
-    Algorithm(
-        "bonbon", plan=lambda algo: SamplingPlan(reference=_count(algo, "n")), loss=_bonbon_loss,
-        validate=lambda algo: _at_least("n", 2, algo), paper="arXiv 2406.00832 (Gui et al. 2024)",
-    )
-)
-register(
-    Algorithm(
-        "vbon", plan=lambda algo: SamplingPlan(policy=algo.num_samples, reference=algo.num_ref_samples),
-        loss=_vbon_loss, paper="arXiv 2407.06057 (Amini et al. 2024)",
-    )
-)
+    register(Algorithm(
+        _name, plan=_policy_plan, loss=_pairwise_loss(_fn), validate=_need_pairs, knobs=("num_samples", "pref_beta"),
+        reads=("policy.ref_logp",), paper=_paper,
+    ))
+register(Algorithm(
+    "gdcpp", plan=_policy_plan, loss=_gdcpp_loss, validate=_need_pairs, knobs=("num_samples", "target_temperature"),
+    reads=("policy.ref_logp",), paper="arXiv 2206.00761 (Korbak et al. 2022)",
+))
+register(Algorithm(
+    "raft", plan=_policy_plan, loss=_raft_loss, validate=_need_pairs, knobs=("num_samples",), reads=(),
+    paper="arXiv 2304.06767 (Dong et al. 2023)",
+))
+register(Algorithm(
+    "bonbon", plan=lambda algo: SamplingPlan(reference=_count(algo, "n")), loss=_bonbon_loss,
+    knobs=("n", "bonbon_alpha"), reads=("reference.ref_logp",), paper="arXiv 2406.00832 (Gui et al. 2024)",
+))
+register(Algorithm(
+    "vbon", plan=lambda algo: SamplingPlan(policy=algo.num_samples, reference=algo.num_ref_samples), loss=_vbon_loss,
+    knobs=("n", "num_samples", "num_ref_samples"), reads=("policy.ref_logp",), paper="arXiv 2407.06057 (Amini et al. 2024)",
+))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import ml_collections
 
+from bond.algorithms import default_algo_config
+
 
 def base_config() -> ml_collections.ConfigDict:
     """Every field of a run with its default: J-BOND on the toy language (see the comments per field)."""
@@ -49,24 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Draw the reference samples an algorithm needs once per train prompt, reuse them every epoch.
     c.cache_reference_samples = True
 
-    # Algorithm hyperparameters (each algorithm reads the ones it needs; see bond/algorithms.py).
-    c.algo = ml_collections.ConfigDict(
-        dict(
-            n=8.0,  # N of best-of-N
-            beta=0.5,  # Jeffreys mix: (1−β)·forward + β·backward, in [0, 1]
-            gamma=0.0,  # J-BOND's γ·KL(π‖π_anchor)
-            num_samples=1,  # policy samples per prompt
-            num_ref_samples=16,  # k reference (or anchor) samples per prompt for quantiles (BOND draws max(k, N))
-            kl_coef=0.05,  # β of REINFORCE's KL(π‖π_ref) penalty
-            pref_beta=0.1,  # β of DPO / IPO / SPPO
-            wind_eta=1.0,  # WIND step size η
-            wind_beta=0.1,  # WIND KL-to-reference strength β
-            wind_variant="square",
-            preference="hard",  # how rewards become P(y ≻ y'): 'hard' or 'bradley_terry'
-            target_temperature=1.0,  # GDC++ target P = π_ref·exp(r / τ)
-            bonbon_alpha=0.5,
-        )
-    )
+    # Algorithm hyperparameters: every knob declared in bond/algorithms.py (`KNOBS`, with its meaning
+    # and allowed values) at its default; each algorithm reads and validates the ones it names.
+    c.algo = default_algo_config()
     # Anchor: 'none', 'hard' (copy the policy every anchor_period steps) or 'ema' (θ_a ← (1−η)θ_a + ηθ).
     c.anchor = ml_collections.ConfigDict(dict(kind="ema", eta=0.05, period=50))
 

@@ -1,16 +1,15 @@
 """Population training: many runs that differ only in traced hyperparameters, as one jitted program.
 
 A sweep over β, γ, η, the learning rate (or its scale) and the seed never changes a compiled
-shape: those values enter `train.make_train_step`'s step as traced arrays (`train.hparams`, the
-seed key). So P such runs are one program: the step is vmapped over a leading population axis of
-the training state, the hyperparameters, the seed key and the per-seed reference-sample cache
-(`train.build_reference_cache`; None for algorithms without reference samples), while the prompts
-and the reference parameters are shared,
+shape: those values enter the step (bond/step.py) as its `Traced` input (hyperparameters, seed
+key, the reference samples drawn from that seed). So P such runs are one program: the step is
+vmapped over a leading population axis of the training state and `Traced`, while `Batch` (the
+prompts) and `Fixed` (reference and judges) are shared, as each declares (`population_axis`):
 
-    step_P(state[P], ref_params, prompts, prompt_mask, prompt_rows, hp[P], seed_key[P], ref_cache[P])
-        = vmap(step, in_axes=(0, None, None, None, None, 0, 0, 0)),
+    step_P(state[P], batch, fixed, traced[P]) = vmap(step, in_axes=(0, None, None, 0)),
 
-and every member starts from the same reference (`train.init_state`, broadcast P times). Member i
+and every member starts from the same reference (the run context's initial state, broadcast P
+times). The population is assembled by the same `bond.context.build_context` as a single run. Member i
 of the population computes exactly what `train.run(configs[i])` computes, so its metrics match
 the separate run's (to float rounding: the vmapped matmuls are batched, see
 tests/test_population.py). On a mesh the population axis is split over the 'data' axis
@@ -45,14 +44,17 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bond import sharding, stages, train
+from bond import sharding
 from bond.checkpoint import Checkpointer, abstract_like, install_sigterm_handler
+from bond.context import RunContext, Setup, build_context, eval_key
+from bond.evaluation import Evaluator
 from bond.metrics import MetricWriter, NonFiniteLossError, Progress
-from bond.tasks.prompts import load_prompts, read_prompt_batch
+from bond.step import Batch, Fixed, StepShardings, Traced, make_train_step
+from bond.train import finish_run, is_checkpoint_step, is_eval_step, is_logging_step
 from bond.validation import validate
 
 # Config fields that enter the step only as traced values: `seed` through the seed key, the rest
-# through `train.hparams`. (config.algo.n, num_samples and num_ref_samples are in hparams too, but
+# through `bond.step.hparams`. (config.algo.n, num_samples and num_ref_samples are in hparams too, but
 # they also size the sampling plan, so they are not population-capable.)
 POPULATION_FIELDS: tuple[str, ...] = (
     "seed",
@@ -161,45 +163,17 @@ def member(tree: Any, index: jax.typing.ArrayLike) -> Any:
     return jax.tree.map(lambda x: x[index], tree)
 
 
-def population_hparams(configs: Sequence[ml_collections.ConfigDict]) -> dict[str, np.ndarray]:
-    """`train.hparams` of every config, stacked: {name: [P] float32}."""
-    return stack_trees([train.hparams(c) for c in configs])
-
-
-def population_seed_keys(configs: Sequence[ml_collections.ConfigDict]) -> np.ndarray:
-    """PRNGKey(config.seed) of every config, stacked: [P, 2] uint32 (what `train.run` uses)."""
-    return stack_trees([jax.random.PRNGKey(c.seed) for c in configs])
-
-
-def population_reference_cache(
-    setup: train.Setup, ref_params: Any, prompt_source: Sequence, configs: Sequence[ml_collections.ConfigDict]
-) -> Any:
-    """Every member's `train.build_reference_cache` (drawn from its seed, as `train.run` does), stacked;
-    None when the run draws no cached reference samples. Members with the same seed share one draw."""
-    if not train.uses_reference_cache(setup):
-        return None
-    by_seed = {}
-    for seed in dict.fromkeys(config.seed for config in configs):
-        by_seed[seed] = train.build_reference_cache(setup, ref_params, prompt_source, train.reference_cache_key(seed))
-    return stack_trees([by_seed[config.seed] for config in configs])
-
-
-def init_population(setup: train.Setup, ref_params: Any, size: int) -> train.TrainState:
-    """`size` copies of `train.init_state` (in host memory): every member starts at the reference."""
-    return broadcast_tree(train.init_state(setup, ref_params), size)
-
-
 # ---------------------------------------------------------------------------------------------
 # The population step
 
 
-def make_population_step(setup: train.Setup) -> Callable:
-    """vmap of `train.make_train_step(setup)` over (state, hp, seed_key, ref_cache); the rest shared.
+def make_population_step(setup: Setup) -> Callable:
+    """vmap of `bond.step.make_train_step(setup)` over the state and `Traced`; `Batch` and `Fixed` shared.
 
-    (state[P], ref_params, prompts, prompt_mask, prompt_rows, hp[P], seed_key[P], ref_cache[P])
-    → (state[P], metrics[P]).
+    (state[P], batch, fixed, traced[P]) → (state[P], metrics[P]).
     """
-    return jax.vmap(train.make_train_step(setup), in_axes=(0, None, None, None, None, 0, 0, 0))
+    return jax.vmap(make_train_step(setup),
+                    in_axes=(0, Batch.population_axis, Fixed.population_axis, Traced.population_axis))
 
 
 def population_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -207,22 +181,27 @@ def population_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec("data"))
 
 
-def compile_population_step(setup: train.Setup, ref_sharding: Any) -> Callable:
+def population_shardings(context: RunContext) -> StepShardings:
+    """Where a population's step inputs live: members (state, Traced) split over the mesh's 'data'
+    axis, the prompts whole on every device, the reference and judges as in a single run."""
+    members = population_sharding(context.setup.mesh)
+    return dataclasses.replace(context.shardings, state=members, traced=members)
+
+
+def compile_population_step(context: RunContext) -> Callable:
     """jax.jit of the population step: members split over 'data', the state donated.
 
-    `ref_sharding`: the reference parameters' shardings (`train.state_shardings(...).params`, as
-    `train.run` places them). The jitted function is kept for the life of the process, keyed by
-    everything but the traced fields (`program_key`), so populations that differ only in traced
-    values (a sweep's chunks, a resumed run) compile once per population size.
+    The jitted function is kept for the life of the process, keyed by everything but the traced
+    fields (`program_key`), so populations that differ only in traced values (a sweep's chunks, a
+    resumed run) compile once per population size.
     """
-    key = program_key(setup)
+    key = program_key(context.setup)
     if key not in _PROGRAMS:
-        members = population_sharding(setup.mesh)
-        rep = sharding.replicated(setup.mesh)
+        shardings = population_shardings(context)
         _PROGRAMS[key] = sharding.jit_sharded(
-            make_population_step(setup),
-            in_shardings=(members, ref_sharding, rep, rep, rep, members, members, members),
-            out_shardings=(members, members),
+            make_population_step(context.setup),
+            in_shardings=shardings.inputs(),
+            out_shardings=(shardings.state, shardings.state),
             donate_argnums=(0,),
         )
     return _PROGRAMS[key]
@@ -231,7 +210,7 @@ def compile_population_step(setup: train.Setup, ref_sharding: Any) -> Callable:
 _PROGRAMS: dict[tuple, Callable] = {}
 
 
-def program_key(setup: train.Setup) -> tuple:
+def program_key(setup: Setup) -> tuple:
     """What the population step's program depends on: the config without its traced fields (the
     cache folder included: it holds the reference and reward-model parameters the program is
     built around), the algorithm object and the mesh."""
@@ -291,11 +270,11 @@ def run_population(
     for c in configs:
         validate(c)
 
-    setup, ref_params = train.make_setup(configs[0], log)
-    c = setup.config
+    context = build_context(configs[0], log, split_batch=False)
+    setup, c = context.setup, context.config
     size = padded_size(len(configs), setup.mesh)
     padded = pad_members(configs, size)
-    members_sharding = population_sharding(setup.mesh)
+    shardings = population_shardings(context)
 
     members = []
     for config, workdir in zip(configs, workdirs):
@@ -305,36 +284,30 @@ def run_population(
         members.append(_Member(config, workdir, MetricWriter(workdir), checkpointer, None))
 
     start = common_resume_step([m.checkpointer for m in members])
-    single = train.init_state(setup, ref_params)
     if start:
-        abstract = abstract_like(single)
+        abstract = abstract_like(context.state, context.shardings.state)
         restored = [m.checkpointer.restore(start, abstract_state=abstract)[0] for m in members]
         state = stack_trees(pad_members(restored, size))
         log(f"Resumed {len(members)} members from their checkpoints at step {start}")
     else:
-        state = broadcast_tree(single, size)
-    state = jax.device_put(state, members_sharding)
+        state = broadcast_tree(sharding.process_local(context.state), size)
+    state = sharding.place(state, shardings.state)
     for m in members:
         m.writer.truncate_after(start)
         m.last_saved = start or None
 
-    # The reference and each evaluated member live where `train.run` puts a run's parameters, so
-    # evaluation runs the same compiled programs as a separate run.
-    params_sharding = train.state_shardings(setup, single).params
-    ref_params = jax.device_put(ref_params, params_sharding)
-    hp = jax.device_put(population_hparams(padded), members_sharding)
-    seed_keys = jax.device_put(population_seed_keys(padded), members_sharding)
-    train_step = compile_population_step(setup, params_sharding)
-    prompt_source = load_prompts(c.task, "train", stages.cache_root(c.cache_dir) / "tfds")
-    ref_cache = population_reference_cache(setup, ref_params, prompt_source, padded)
-    if ref_cache is not None:
-        ref_cache = jax.device_put(ref_cache, members_sharding)
-    evaluators: dict[int, train.Evaluator] = {}  # eval prompts and eval key depend on the seed only
+    # Each evaluated member lives where `train.run` puts a run's parameters, so evaluation runs
+    # the same compiled programs as a separate run.
+    params_sharding = context.shardings.state.params
+    ref_params = context.local_reference
+    traced = sharding.place(stack_trees([context.traced_for(config) for config in padded]), shardings.traced)
+    train_step = compile_population_step(context)
+    evaluators: dict[int, Evaluator] = {}  # eval prompts and eval key depend on the seed only
 
-    def evaluator(config: ml_collections.ConfigDict) -> train.Evaluator:
+    def evaluator(config: ml_collections.ConfigDict) -> Evaluator:
         if config.seed not in evaluators:
             member_setup = dataclasses.replace(setup, config=ml_collections.FrozenConfigDict(config))
-            evaluators[config.seed] = train.Evaluator(member_setup, ref_params, train.eval_key(config.seed))
+            evaluators[config.seed] = Evaluator(member_setup, ref_params, eval_key(config.seed))
         return evaluators[config.seed]
 
     def alive() -> list[tuple[int, _Member]]:
@@ -348,7 +321,8 @@ def run_population(
                     at_reference[m.config.seed] = evaluator(m.config)(ref_params)
                 metrics = at_reference[m.config.seed]
             else:
-                metrics = evaluator(m.config)(jax.device_put(member(state.params, i), params_sharding))
+                params = sharding.process_local(jax.device_put(member(state.params, i), params_sharding))
+                metrics = evaluator(m.config)(params)
             m.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
 
     def drop_nonfinite() -> None:
@@ -361,7 +335,7 @@ def run_population(
 
     def save(step: int) -> None:
         for i, m in alive():
-            m.checkpointer.save(step, member(state, i), {"data_position": step * c.batch_size}, force=True)
+            m.checkpointer.save(step, member(state, i), force=True)
             m.last_saved = step
 
     stop = install_sigterm_handler()
@@ -376,20 +350,18 @@ def run_population(
                 save(step)
                 log(f"Stopped by SIGTERM after step {step}; saved a checkpoint of every member.")
                 return [{"stopped_at": step} for _ in members]
-            batch = read_prompt_batch(prompt_source, step * c.batch_size, c.batch_size)
-            rows = (step * c.batch_size + np.arange(c.batch_size)) % len(prompt_source)
-            state, metrics = train_step(state, ref_params, batch.tokens, batch.mask, rows, hp, seed_keys, ref_cache)
+            state, metrics = train_step(state, context.batch(step), context.fixed, traced)
             step += 1
-            if step % c.log_every == 0 or step == c.steps:
+            if is_logging_step(step, c):
                 host = {f"train/{k}": np.asarray(v) for k, v in jax.device_get(metrics).items()}
                 drop_nonfinite()
                 for i, m in alive():
                     m.writer.write(step, {k: float(v[i]) for k, v in host.items()})
                 progress.update(step)
-            if step % c.eval.every == 0 or step == c.steps:
+            if is_eval_step(step, c):
                 evaluate(step)
                 progress.update(step)
-            if step % c.checkpoint.every == 0 or step == c.steps:
+            if is_checkpoint_step(step, c):
                 drop_nonfinite()
                 save(step)
     finally:
@@ -406,4 +378,4 @@ def _finish(m: _Member) -> dict:
     """The member's summary.json (and plots), as `train.run` writes them; {"error": ...} for a failed member."""
     if m.error is not None:
         return {"error": m.error}
-    return train.finish_run(m.workdir, m.config)
+    return finish_run(m.workdir, m.config)

@@ -14,14 +14,10 @@ import jax
 import ml_collections
 
 from bond import algorithms, sharding
-from bond.losses.wind import VARIANTS as WIND_VARIANTS
 from bond.tasks import TASK_NAMES
 
 PRETRAINED_TASK = "pretrained"
 ANCHOR_KINDS = ("none", "hard", "ema")
-PREFERENCE_KINDS = ("hard", "bradley_terry")
-# Algorithms whose sampling plan or loss uses N of best-of-N.
-USES_N = ("bond", "iterative_bond", "vbon", "bonbon")
 
 
 class ConfigError(ValueError):
@@ -71,25 +67,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _require(0 < top_p <= 1, f"config.top_p={top_p} must be in (0, 1].")
     _integer(config, "min_new_tokens", 0)
 
-    algo = config.algo
-    if config.algorithm in USES_N:
-        _require(_number(config, "algo.n") >= 2, f"config.algo.n={algo.n} must be >= 2 (N of best-of-N).")
-        _integer(config, "algo.n", 2)
-    beta = _number(config, "algo.beta")
-    _require(0 <= beta <= 1, f"config.algo.beta={beta} must be in [0, 1] (the Jeffreys mix (1−β)·forward + β·backward).")
-    _require(_number(config, "algo.gamma") >= 0, f"config.algo.gamma={algo.gamma} must be >= 0.")
-    _integer(config, "algo.num_samples", 1)
-    _integer(config, "algo.num_ref_samples", 1)
-    _require(_number(config, "algo.kl_coef") >= 0, f"config.algo.kl_coef={algo.kl_coef} must be >= 0.")
-    _require(_number(config, "algo.pref_beta") > 0, f"config.algo.pref_beta={algo.pref_beta} must be > 0.")
-    _require(_number(config, "algo.wind_eta") > 0, f"config.algo.wind_eta={algo.wind_eta} must be > 0.")
-    _require(_number(config, "algo.wind_beta") >= 0, f"config.algo.wind_beta={algo.wind_beta} must be >= 0.")
-    _require(algo.wind_variant in WIND_VARIANTS, f"config.algo.wind_variant={algo.wind_variant!r} must be one of {WIND_VARIANTS}.")
-    _require(algo.preference in PREFERENCE_KINDS, f"config.algo.preference={algo.preference!r} must be one of {PREFERENCE_KINDS}.")
-    _require(_number(config, "algo.target_temperature") > 0, f"config.algo.target_temperature={algo.target_temperature} must be > 0.")
-    alpha = _number(config, "algo.bonbon_alpha")
-    _require(0 <= alpha <= 1, f"config.algo.bonbon_alpha={alpha} must be in [0, 1].")
-
     _require(config.anchor.kind in ANCHOR_KINDS, f"config.anchor.kind={config.anchor.kind!r} must be one of {ANCHOR_KINDS}.")
     eta = _number(config, "anchor.eta")
     _require(0 < eta <= 1, f"config.anchor.eta={eta} must be in (0, 1] (EMA θ_a ← (1−η)θ_a + ηθ).")
@@ -110,12 +87,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if config.task == PRETRAINED_TASK:
         validate_pretrained(config)
 
+    # The algorithm's own knobs, as it declares them (bond/algorithms.py).
     algorithm = algorithms.get_algorithm(config.algorithm)
-    if algorithm.validate is not None:
-        try:
-            algorithm.validate(config.algo)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    try:
+        algorithm.check_config(algorithm.with_defaults(config.algo))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
     available = jax.device_count() if num_devices is None else num_devices
     requested = _integer(config, "num_devices", 0)

@@ -32,7 +32,8 @@ import ml_collections
 import numpy as np
 from jax.typing import ArrayLike
 
-from bond import bon, tabular, train
+from bond import bon, tabular
+from bond.evaluation import exact_reference
 from experiments import common
 
 NAME = "iterative_bond"
@@ -128,13 +129,8 @@ def random_supports(seed: int, contexts: int = 8, support: int = 50, levels: int
 
 def reference_tables(config: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
     """(π_ref [B, M] in float64, r [B, M]) over the toy language's whole response space, for the
-    eval prompts the runs of `config` are evaluated on (train.Evaluator's tables)."""
-    setup, ref_params = train.make_setup(config, log=lambda _: None)
-    evaluator = train.Evaluator(setup, ref_params, train.eval_key(config.seed))
-    if not evaluator.exact:
-        raise ValueError(f"config.task={config.task!r} is not enumerable; the tables need the exact evaluation.")
-    probs = np.exp(np.asarray(evaluator.ref_logprobs, np.float64))
-    return probs / probs.sum(-1, keepdims=True), np.asarray(evaluator.rewards, np.float64)
+    eval prompts the runs of `config` are evaluated on (the exact evaluator's tables)."""
+    return exact_reference(config, log=lambda _: None)
 
 
 def tabular_check(

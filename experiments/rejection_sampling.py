@@ -34,7 +34,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from jax.typing import ArrayLike
 
-from bond import bon, train
+from bond import bon
+from bond.evaluation import exact_reference
 from experiments import common
 
 NAME = "rejection_sampling"
@@ -210,10 +211,7 @@ def rso_monte_carlo(
 
 def exact_reference(quick: bool) -> tuple[np.ndarray, np.ndarray]:
     """π_ref(y|x) and r(x, y) over every response of the toy language's eval prompts: [B, M] each."""
-    setup, ref_params = train.make_setup(common.config("bond.py", quick))
-    evaluator = train.Evaluator(setup, ref_params, train.eval_key(SEED))
-    ref_probs = np.exp(np.asarray(evaluator.ref_logprobs, np.float64))
-    return ref_probs / ref_probs.sum(-1, keepdims=True), np.asarray(evaluator.rewards, np.float64)
+    return exact_reference(common.config("bond.py", quick, seed=SEED))
 
 
 def rso_table(ref_probs: np.ndarray, rewards: np.ndarray, num_draws: int) -> list[dict]:

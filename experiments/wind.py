@@ -43,9 +43,9 @@ import numpy as np
 import optax
 from jax.typing import ArrayLike
 
-from bond import algorithms, tabular, train
+from bond import algorithms, tabular
+from bond.context import build_context
 from bond.losses.wind import VARIANTS, wind as wind_loss
-from bond.tasks.prompts import read_prompt_batch
 from experiments import common
 
 NAME = "wind"
@@ -263,36 +263,20 @@ def step_timer(config: ml_collections.ConfigDict):
     """A closure that runs one more train step of `config` and returns its wall-clock seconds, and
     the seconds it took to compile the step.
 
-    The runner's step (train.compile_train_step) is compiled ahead of time with
+    The runner's step (the run context's `step`, as `train.run` calls it) is compiled ahead of time with
     `.lower(...).compile()`, so the timed calls exclude compilation; each call is timed with
     time.perf_counter around the call and jax.block_until_ready on its outputs.
     """
-    setup, ref_params = train.make_setup(config, log=lambda _: None)
-    c = setup.config
-    state = train.init_state(setup, ref_params)
-    shardings = train.state_shardings(setup, state)
-    state = jax.device_put(state, shardings)
-    ref_params = jax.device_put(ref_params, shardings.params)
-    source = train.train_prompt_source(setup)
-    ref_cache = None
-    if train.uses_reference_cache(setup):
-        ref_cache = train.build_reference_cache(setup, ref_params, source, train.reference_cache_key(c.seed))
-    hp, seed_key = train.hparams(c), jax.random.PRNGKey(c.seed)
-
-    def inputs(step: int) -> tuple:
-        batch = read_prompt_batch(source, step * c.batch_size, c.batch_size)
-        rows = (step * c.batch_size + np.arange(c.batch_size)) % len(source)
-        return batch.tokens, batch.mask, rows, hp, seed_key, ref_cache, setup.judge_params
-
+    context = build_context(config, log=lambda _: None)
     start = time.perf_counter()
-    step_fn = train.compile_train_step(setup, state, ref_params).lower(state, ref_params, *inputs(0)).compile()
+    step_fn = context.step.lower(context.state, context.batch(0), context.fixed, context.traced).compile()
     compile_s = time.perf_counter() - start
-    position = {"step": 0, "state": state}
+    position = {"step": 0, "state": context.state}
 
     def timed_step() -> float:
-        args = inputs(position["step"])
+        batch = context.batch(position["step"])
         start = time.perf_counter()
-        new_state, metrics = step_fn(position["state"], ref_params, *args)
+        new_state, metrics = step_fn(position["state"], batch, context.fixed, context.traced)
         jax.block_until_ready((new_state, metrics))
         position.update(step=position["step"] + 1, state=new_state)
         return time.perf_counter() - start

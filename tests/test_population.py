@@ -16,6 +16,7 @@ import pytest
 from bond import population, train
 from bond.checkpoint import Checkpointer
 from bond.config_base import load_config
+from bond.context import build_context
 from bond.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,13 +136,13 @@ def test_population_padding_and_sharding_layout(cache_dir):
     import jax
     from jax.sharding import PartitionSpec
 
-    setup, ref_params = train.make_setup(tiny(cache_dir, num_devices=2, mesh_shape=(2, 1, 1)), QUIET)
-    assert population.padded_size(3, setup.mesh) == 4
-    state = jax.device_put(population.init_population(setup, ref_params, 4), population.population_sharding(setup.mesh))
+    context = build_context(tiny(cache_dir, num_devices=2, mesh_shape=(2, 1, 1)), QUIET, split_batch=False)
+    assert population.padded_size(3, context.setup.mesh) == 4
+    state = jax.device_put(population.broadcast_tree(context.state, 4), population.population_sharding(context.setup.mesh))
     leaf = jax.tree.leaves(state.params)[0]
     assert leaf.shape[0] == 4 and leaf.sharding.spec == PartitionSpec("data")
     assert {d.id for d in leaf.sharding.device_set} == {0, 1}
-    np.testing.assert_array_equal(np.asarray(leaf[3]), np.asarray(jax.tree.leaves(ref_params)[0]))
+    np.testing.assert_array_equal(np.asarray(leaf[3]), np.asarray(jax.tree.leaves(context.fixed.reference)[0]))
 
 
 def test_population_rejects_configs_that_change_the_program(cache_dir):

@@ -15,6 +15,8 @@ import pytest
 
 from bond import train
 from bond.config_base import load_config
+from bond.context import make_setup
+from bond.step import init_state
 from bond.metrics import read_metrics
 from bond.models.preference import (
     Responses,
@@ -199,9 +201,8 @@ def _tiny(name: str, **changes):
 
 
 def test_checkpoint_setup_bfloat16_parameters_keep_float32_optimizer_state():
-    setup, params = train.make_setup(_tiny("j_bond_gemma.py", **{"pretrained.param_dtype": "bfloat16"}),
-                                     log=lambda s: None)
-    state = train.init_state(setup, params)
+    setup, params = make_setup(_tiny("j_bond_gemma.py", **{"pretrained.param_dtype": "bfloat16"}), log=lambda s: None)
+    state = init_state(setup, params)
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(state.opt_state)} <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
     hf = json.loads((FIXTURES / "llama" / "config.json").read_text())

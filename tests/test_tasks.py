@@ -406,7 +406,7 @@ def test_tfds_round_trip_without_tensorflow(toy_data_dir, split, monkeypatch):
     num = config.num_train if split == "train" else config.num_eval
     expected = toy.prompts(split, num, config.seed)
     assert len(source) == num
-    got = prompt_sets.read_prompt_batch(source, 0, num)
+    got = prompt_sets.read_prompt_rows(source, range(num))
     assert got.tokens.dtype == got.mask.dtype == np.int32
     np.testing.assert_array_equal(got.tokens, expected.tokens)
     np.testing.assert_array_equal(got.mask, expected.mask)
@@ -415,21 +415,13 @@ def test_tfds_round_trip_without_tensorflow(toy_data_dir, split, monkeypatch):
 
 def test_prompt_stream_resumes(toy_data_dir):
     source = prompt_sets.load_prompts("toy_language", "eval", toy_data_dir)  # 16 rows
-    stream = prompt_sets.prompt_batches(source, 0, 5)
-    batches = [next(stream) for _ in range(7)]
-    assert [batch.next_position for batch in batches] == [5, 10, 15, 20, 25, 30, 35]
-    resumed = prompt_sets.prompt_batches(source, batches[2].next_position, 5)
-    for batch in batches[3:]:
-        again = next(resumed)
-        np.testing.assert_array_equal(again.tokens, batch.tokens)
-        assert again.next_position == batch.next_position
-    # Position 15 .. 19 wraps around the 16 rows: rows 15, 0, 1, 2, 3.
-    everything = prompt_sets.read_prompt_batch(source, 0, 16).tokens
+    everything = prompt_sets.read_prompt_rows(source, range(16)).tokens
+    batches = [prompt_sets.read_prompt_rows(source, prompt_sets.batch_rows(step, 5, len(source))) for step in range(7)]
+    # Step 3 reads stream positions 15 .. 19, which wrap around the 16 rows: rows 15, 0, 1, 2, 3.
     np.testing.assert_array_equal(batches[3].tokens, everything[[15, 0, 1, 2, 3]])
-    with pytest.raises(ValueError, match="batch_size"):
-        prompt_sets.prompt_batches(source, 0, 0)
-    with pytest.raises(ValueError, match="start_index"):
-        prompt_sets.read_prompt_batch(source, -1, 4)
+    np.testing.assert_array_equal(np.concatenate([b.tokens for b in batches]), everything[np.arange(35) % 16])
+    with pytest.raises(ValueError, match="step"):
+        prompt_sets.batch_rows(-1, 4, 16)
 
 
 def test_synthetic_builder_features():

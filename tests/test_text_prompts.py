@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from bond.tasks.prompts import read_prompt_batch
+from bond.tasks.prompts import batch_rows, read_prompt_rows
 from bond.tasks.text import TokenizedPrompts, load_text_prompts, parse_source, read_texts, tokenize_prompts
 from bond.tokenizer import load_tokenizer
 from test_tokenizer import make_bpe_folder
@@ -38,8 +38,8 @@ def test_jsonl_prompts_reach_left_padded_batches(tmp_path, tokenizer):
     source = load_text_prompts(f"jsonl:{tmp_path}/{{split}}.jsonl", "prompt", "train", tokenizer, 12)
     assert isinstance(source, TokenizedPrompts) and len(source) == 3
     tokens, mask = expected_rows(tokenizer, TEXTS, 12)
-    # read_prompt_batch, as the runner reads a step's prompts: rows (start + i) mod N
-    batch = read_prompt_batch(source, 2, 4)
+    # as the runner reads step 2's prompts of batch 4: rows (2·4 + i) mod 3
+    batch = read_prompt_rows(source, batch_rows(2, 4, len(source)))
     rows = [2, 0, 1, 2]
     assert batch.tokens.dtype == np.int32 and batch.tokens.shape == (4, 12)
     np.testing.assert_array_equal(batch.tokens, tokens[rows])
@@ -73,7 +73,7 @@ def test_mock_tfds_xsum_flows_through_the_prompt_pipeline(tokenizer):
     assert len(documents) == 6 and all(isinstance(d, str) and d for d in documents)
     assert len(source) == 4
     tokens, mask = expected_rows(tokenizer, documents[:4], 10)
-    batch = read_prompt_batch(source, 0, 4)
+    batch = read_prompt_rows(source, range(4))
     np.testing.assert_array_equal(batch.tokens, tokens)
     np.testing.assert_array_equal(batch.mask, mask)
 

@@ -4,6 +4,7 @@ Runs use a tiny budget (a one-layer model, 20 steps, exact evaluation on two pro
 reference pretrained once per session into a shared cache.
 """
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -13,11 +14,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from bond import algorithms, train
 from bond.config_base import load_config
+from bond.context import build_context
+from bond.step import make_train_step
 from bond.metrics import NonFiniteLossError, read_metrics
 from bond.validation import ConfigError, validate
 
@@ -183,18 +187,18 @@ def test_cli_config_error_is_one_line_and_exit_2(cache_dir, tmp_path):
     assert "Traceback" not in err
 
 
-def test_reference_passes_only_the_metrics_read_run_on_logging_steps_only(cache_dir, monkeypatch):
+def test_reference_passes_only_the_metrics_read_run_on_logging_steps_only(cache_dir):
     """J-BOND's loss reads no reference log-probs (they feed the KL-to-reference metrics only): the
-    step skips those passes except on logging steps, where the metrics equal the always-computed ones."""
-    setup, ref_params = train.make_setup(tiny("j_bond", cache_dir, log_every=2), log=lambda _: None)
-    prompts = np.asarray(setup.task.prompts("train", setup.config.batch_size, 0).tokens)
-    args = (ref_params, prompts, np.ones_like(prompts), np.arange(len(prompts)), train.hparams(setup.config),
-            jax.random.PRNGKey(0), None)
-    step = jax.jit(train.make_train_step(setup))
-    state1, first = step(train.init_state(setup, ref_params), *args)
-    _, logged = step(state1, *args)
-    monkeypatch.setattr(train, "ref_logps_unread_by_loss", lambda loss, inputs: set())
-    _, always = jax.jit(train.make_train_step(setup))(state1, *args)
+    step skips those passes except on logging steps, where the metrics equal those of the same
+    algorithm declared to read every pass (`reads=None`), which computes them at every step."""
+    context = build_context(tiny("j_bond", cache_dir, log_every=2), log=lambda _: None)
+    setup = context.setup
+    batch = context.batch(0)
+    step = jax.jit(make_train_step(setup))
+    state1, first = step(context.state, batch, context.fixed, context.traced)
+    _, logged = step(state1, batch, context.fixed, context.traced)
+    reads_all = dataclasses.replace(setup, algorithm=dataclasses.replace(setup.algorithm, reads=None))
+    _, always = jax.jit(make_train_step(reads_all))(state1, batch, context.fixed, context.traced)
     for name in ("policy_kl_ref_estimate", "anchor_kl_ref_estimate"):
         assert np.isnan(first[name])  # step 1 of log_every=2: not logged, not computed
         assert np.isfinite(always[name]) and always[name] != 0
@@ -202,14 +206,48 @@ def test_reference_passes_only_the_metrics_read_run_on_logging_steps_only(cache_
     np.testing.assert_allclose(logged["loss"], always["loss"], rtol=1e-6)
 
 
-def test_loss_reads_are_found_by_tracing():
-    samples = lambda s: algorithms.Samples(*(jnp.zeros((2, s, 6), jnp.int32),) * 2, jnp.ones((2, s, 6)),
-                                           *(jnp.zeros((2, s)),) * 4)
-    inputs = algorithms.LossInputs(lambda s: s.sampler_logp + 0.0,
-                                   samples(4), samples(2), None, {"beta": 0.5, "gamma": 0.1, "kl_coef": 0.05},
-                                   None, jax.random.key(0))
-    assert train.ref_logps_unread_by_loss(algorithms.get_algorithm("j_bond").loss, inputs) == {"policy", "anchor"}
-    assert train.ref_logps_unread_by_loss(algorithms.get_algorithm("reinforce").loss, inputs) == {"anchor"}
+def fixed_logprobs_read_by_loss(loss, inputs: algorithms.LossInputs) -> set[str]:
+    """The fixed log-prob fields ("<set>.<field>") that `loss` reads, found by tracing it with those
+    arrays as its only inputs and following its outputs back through the operations that compute
+    them (nothing is evaluated; an operation with a needed output needs all its operands)."""
+    names = [(s, f) for s in algorithms.SAMPLE_SETS for f in algorithms.FIXED_LOGPROBS if getattr(inputs, s) is not None]
+
+    def loss_of(*values):
+        replaced = {s: getattr(inputs, s) for s, _ in names}
+        for (s, f), value in zip(names, values):
+            replaced[s] = replaced[s]._replace(**{f: value})
+        return loss(inputs._replace(**replaced))
+
+    jaxpr = jax.make_jaxpr(loss_of)(*(getattr(getattr(inputs, s), f) for s, f in names)).jaxpr
+    needed = {id(v) for v in jaxpr.outvars}
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(id(v) in needed for v in eqn.outvars):
+            needed.update(id(v) for v in eqn.invars)
+    return {f"{s}.{f}" for (s, f), var in zip(names, jaxpr.invars) if id(var) in needed}
+
+
+@pytest.mark.parametrize("name", algorithms.names())
+def test_registry_declares_the_fixed_logprobs_each_loss_reads(name):
+    """Every registered algorithm's `reads` is exactly what its loss reads (a pass it reads but
+    does not declare would be None in the step; one it declares but never reads, wasted)."""
+    algorithm = algorithms.get_algorithm(name)
+    algo = algorithms.default_algo_config()
+    algo.num_samples = 4
+    plan = algorithm.plan(algo)
+
+    def samples(count):
+        if not count:
+            return None
+        ints, floats = jnp.zeros((2, count, 6), jnp.int32), jnp.ones((2, count, 6))
+        logps = [jnp.full((2, count), -1.0 - i) + jnp.arange(count) for i in range(3)]
+        return algorithms.Samples(ints, ints, floats, jnp.arange(2 * count, dtype=jnp.float32).reshape(2, count), *logps)
+
+    inputs = algorithms.LossInputs(
+        lambda s: s.sampler_logp * 1.5, samples(plan.policy), samples(plan.anchor), samples(plan.reference),
+        {k: jnp.float32(v) for k, v in algo.items() if not isinstance(v, str)},
+        ml_collections.FrozenConfigDict(algo), jax.random.key(0),
+    )
+    assert fixed_logprobs_read_by_loss(algorithm.loss, inputs) == set(algorithm.reads)
 
 
 def test_runner_keeps_compiled_programs_under_the_cache_dir(tmp_path, monkeypatch):
@@ -255,18 +293,19 @@ def test_readme_new_loss_example_trains(cache_dir, tmp_path, monkeypatch):
 def test_reference_cache_holds_each_train_prompts_own_samples(cache_dir):
     """One row per train prompt, whose samples continue that prompt; rebuilt identically from the key."""
     from bond import stages
-    from bond.tasks.prompts import load_prompts, read_prompt_batch
+    from bond.context import build_reference_cache, make_setup
+    from bond.tasks.prompts import load_prompts, read_prompt_rows
 
-    setup, ref_params = train.make_setup(tiny("bond", cache_dir), log=lambda _: None)
+    setup, ref_params = make_setup(tiny("bond", cache_dir), log=lambda _: None)
     source = load_prompts(setup.config.task, "train", stages.cache_root(cache_dir) / "tfds")
     key = jax.random.PRNGKey(3)
-    cache = train.build_reference_cache(setup, ref_params, source, key, chunk=1000)
-    prompts = read_prompt_batch(source, 0, len(source)).tokens
+    cache = build_reference_cache(setup, ref_params, source, key, chunk=1000)
+    prompts = read_prompt_rows(source, range(len(source))).tokens
     k = setup.plan.reference
     assert cache.tokens.shape[:2] == (len(source), k)
     np.testing.assert_array_equal(cache.tokens[:, :, : prompts.shape[1]], np.repeat(prompts[:, None], k, axis=1))
     rewards = setup.task.reward(cache.tokens.reshape(-1, cache.tokens.shape[-1]),
                                 cache.response_mask.reshape(-1, cache.tokens.shape[-1]))
     np.testing.assert_allclose(cache.rewards.reshape(-1), rewards, rtol=1e-6)
-    again = train.build_reference_cache(setup, ref_params, source, key, chunk=1000)
+    again = build_reference_cache(setup, ref_params, source, key, chunk=1000)
     np.testing.assert_array_equal(again.tokens, cache.tokens)

@@ -95,7 +95,7 @@ def make_task(p: ml_collections.ConfigDict, tokenizer: Tokenizer, vocab_size: in
         del seed
         check_split(split)
         if split != "eval":
-            raise ValueError("a pretrained task's train prompts are a stream: read them with read_prompt_batch.")
+            raise ValueError("a pretrained task's train prompts are a stream: read them by row with bond.tasks.prompts.read_prompt_rows.")
         return eval_prompts.batch(num)
 
     def unavailable(what: str):

@@ -11,12 +11,11 @@ and the rows are exactly ``task.prompts(split, num_examples, seed)`` in that ord
 per data_dir; later calls read them back (tensorflow-datasets 4.9 reads array_record files
 without TensorFlow; ``as_data_source`` gives random access and feeds grain).
 
-Training reads a split as an endless stream: stream position s is row s mod N, so a run that
-saved its position resumes exactly where it stopped:
+Training reads a split as an endless stream: step t trains on rows (t·B + i) mod N, i < B
+(`batch_rows`), so a run resumed at step t reads exactly the prompts it would have:
 
     source = load_prompts("toy_language", "train", data_dir)
-    for batch in prompt_batches(source, start_index=saved_position, batch_size=64):
-        ...; saved_position = batch.next_position
+    prompts = read_prompt_rows(source, batch_rows(step, 64, len(source)))
 """
 
 from __future__ import annotations
@@ -24,8 +23,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -112,43 +110,18 @@ def load_prompts(task: str, split: str, data_dir: str | os.PathLike) -> Sequence
     return builder.as_data_source(split=split)
 
 
-class PromptBatch(NamedTuple):
-    """A batch read from a prompt stream; `next_position` is where the stream resumes."""
+def batch_rows(step: int, batch_size: int, num_prompts: int) -> np.ndarray:
+    """The rows of step `step`'s batch in a stream of `num_prompts` prompts: (step·B + i) mod n, i < B.
 
-    tokens: np.ndarray  # [B, P] int32
-    mask: np.ndarray  # [B, P] int32
-    next_position: int
-
-
-def _check_stream_args(source: Sequence[dict[str, np.ndarray]], start_index: int, batch_size: int) -> None:
-    check_count(start_index, "start_index")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
-    if len(source) == 0:
-        raise ValueError("the prompt data source is empty; rebuild it with load_prompts.")
+    The one definition of which prompts a step trains on; a resumed run reads the same rows."""
+    check_count(step, "step")
+    return (int(step) * int(batch_size) + np.arange(batch_size)) % num_prompts
 
 
-def read_prompt_batch(source: Sequence[dict[str, np.ndarray]], start_index: int, batch_size: int) -> Prompts:
-    """Rows (start_index + i) mod len(source), i < batch_size, of a prompt data source."""
-    _check_stream_args(source, start_index, batch_size)
-    rows = [(int(start_index) + i) % len(source) for i in range(batch_size)]
+def read_prompt_rows(source: Sequence[dict[str, np.ndarray]], rows: Sequence[int]) -> Prompts:
+    """The prompts at `rows` of a random-access prompt data source."""
+    rows = [int(r) for r in rows]
     examples = source.__getitems__(rows) if hasattr(source, "__getitems__") else [source[i] for i in rows]
     tokens = np.stack([example["prompt"] for example in examples]).astype(np.int32)
     mask = np.stack([example["prompt_mask"] for example in examples]).astype(np.int32)
     return Prompts(tokens, mask)
-
-
-def prompt_batches(
-    source: Sequence[dict[str, np.ndarray]], start_index: int, batch_size: int
-) -> Iterator[PromptBatch]:
-    """Endless batches of the stream from `start_index`: batch k holds positions start + kB .. + B − 1."""
-    _check_stream_args(source, start_index, batch_size)
-
-    def stream() -> Iterator[PromptBatch]:
-        position = int(start_index)
-        while True:
-            batch = read_prompt_batch(source, position, batch_size)
-            position += batch_size
-            yield PromptBatch(batch.tokens, batch.mask, position)
-
-    return stream()

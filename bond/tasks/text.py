@@ -17,7 +17,7 @@ it serves every split.
 
 `load_text_prompts` reads the texts of one split, wraps each in `template` (a format string with
 `{text}`, e.g. 'Summarize: {text}') and tokenizes them all once into :class:`TokenizedPrompts`,
-a random-access source with the same rows `read_prompt_batch` (bond/tasks/prompts.py) reads from
+a random-access source with the same rows `read_prompt_rows` (bond/tasks/prompts.py) reads from
 the built-in tasks' TFDS sources: {'prompt': int32 [P] left-padded, 'prompt_mask': int32 [P]}.
 """
 

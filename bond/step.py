@@ -1,0 +1,372 @@
+"""The train step, composed of named phases, and its named inputs.
+
+One online step, as data flows (each arrow a function below, each usable on its own — the
+benchmark jits and times these same functions):
+
+    sample_responses  prompts → responses of a policy (the compiled sampler)
+    score             responses → rewards (the run's reward judge)
+    fixed_logprobs    responses → log π_ref(y), log π_anchor(y) without gradient (only the passes
+                      the algorithm's loss reads; the sampler's own log-probs where they are exact)
+    loss_and_grad     samples → (loss, metrics), ∇θ loss (the registered algorithm's loss)
+    optimizer_update  ∇θ → θ' (Adam with clipping, float32 state and math, learning rate traced)
+    anchor_update     θ_anchor → (1−η)θ_anchor + ηθ' (EMA) or a periodic hard copy
+    step_metrics      the loss's metrics, gradient norm, per-sample-set reward / length / KL
+
+The step's inputs are named structures, each declaring its shardings and its population axis
+next to its fields:
+
+    step(state: TrainState, batch: Batch, fixed: Fixed, traced: Traced) → (state, metrics)
+
+`Batch` is the step's prompts, `Fixed` the parameters the step reads and never changes (reference
+policy, judges), `Traced` the run's values that no compiled shape depends on (the hyperparameters
+sweeps vary, the seed key, the reference samples drawn from that seed). A population of runs
+(bond/population.py) vmaps the step over the state and `Traced` and shares `Batch` and `Fixed`.
+
+Determinism: step t's randomness is fold_in(seed_key, t), split into the policy's, the anchor's,
+the reference's and the loss's keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from bond import sharding
+from bond.algorithms import Drawn, LossInputs, Samples
+from bond.models import param_logical_axes, sequence_logprobs
+from bond.models.preference import preference_matrix
+from bond.sampling import SampleOutput, sample
+
+if TYPE_CHECKING:
+    from bond.context import Setup
+
+
+class TrainState(NamedTuple):
+    """Everything a step changes; checkpointed whole."""
+
+    step: jax.Array  # int32 scalar: steps completed
+    params: Any
+    anchor_params: Any  # None when the run has no anchor
+    opt_state: Any
+    nonfinite_step: jax.Array  # int32: first step whose loss was NaN/inf, −1 while none was
+
+
+class Batch(NamedTuple):
+    """The step's prompts: rows [t·B, (t+1)·B) of the train prompt stream (see `prompt_rows`).
+
+    Split over the mesh's batch axes in a single run; shared (population axis None) by the
+    members of a population, which all train on the same prompts.
+    """
+
+    prompts: jax.Array  # [B, P] int32, left-padded
+    prompt_mask: jax.Array  # [B, P] int32
+    prompt_rows: jax.Array  # [B] int32: each prompt's row in the train set (indexes Traced.reference_samples)
+
+    population_axis = None
+
+    @staticmethod
+    def shardings(mesh: jax.sharding.Mesh, split: bool = True) -> Batch:
+        one = sharding.batch_sharding(mesh) if split else sharding.replicated(mesh)
+        return Batch(one, one, one)
+
+
+class Fixed(NamedTuple):
+    """Parameters the step reads and never changes: the reference policy and the judges'.
+
+    Passed as arguments (not closed over) so that large models are not compiled in as constants;
+    shared by the members of a population.
+    """
+
+    reference: Any
+    judges: Any = None  # {'reward': ..., 'preference': ...} or None (a task's own reward needs none)
+
+    population_axis = None
+
+
+class Traced(NamedTuple):
+    """One run's values that no compiled shape depends on: what the members of a population vary.
+
+    hparams: `hparams(config)`, float32 scalars (β, γ, η, N, learning rate, ...);
+    seed_key: PRNGKey(config.seed); step t uses fold_in(seed_key, t);
+    reference_samples: the per-train-prompt reference samples drawn from that seed
+      (`bond.context.build_reference_cache`, [N_prompts, k, ...] leaves), None when the run draws
+      its reference samples at every step.
+    """
+
+    hparams: dict[str, jax.Array]
+    seed_key: jax.Array
+    reference_samples: Optional[Samples] = None
+
+    population_axis = 0
+
+
+def hparams(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+    """The traced hyperparameters: config.algo's numbers, the learning rate and the anchor's η."""
+    hp = {k: v for k, v in config.algo.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    hp.update(learning_rate=config.learning_rate, lr_scale=config.lr_scale, anchor_eta=config.anchor.eta)
+    return {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
+
+
+def traced_inputs(config: ml_collections.ConfigDict, reference_samples: Optional[Samples] = None) -> Traced:
+    """`Traced` of a config: its hyperparameters and seed key (and the given reference samples)."""
+    return Traced(hparams(config), jax.random.PRNGKey(config.seed), reference_samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# State
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+    """Adam with global-norm clipping; the learning rate is applied in the step (it is traced).
+
+    Its state and the update math are float32 whatever the parameters' dtype (`as_float32`), so
+    bfloat16 parameters keep float32 moments."""
+    parts = [optax.clip_by_global_norm(config.grad_clip)] if config.grad_clip > 0 else []
+    return optax.chain(*parts, optax.scale_by_adam())
+
+
+def as_float32(tree):
+    """Every leaf of `tree` in float32 (a no-op on float32 leaves)."""
+    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
+def init_state(setup: Setup, ref_params) -> TrainState:
+    """The policy (and anchor) start at the reference."""
+    copy = lambda tree: jax.tree.map(jnp.array, tree)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=copy(ref_params),
+        anchor_params=copy(ref_params) if setup.anchor_kind != "none" else None,
+        opt_state=make_optimizer(setup.config).init(as_float32(ref_params)),
+        nonfinite_step=jnp.full((), -1, jnp.int32),
+    )
+
+
+def state_shardings(setup: Setup, state: TrainState) -> TrainState:
+    """Parameters by their logical axes (bond/sharding.py rules), optimizer state like them, the rest replicated."""
+    mesh = setup.mesh
+    params = sharding.param_shardings(state.params, param_logical_axes(setup.model), mesh)
+    rep = sharding.replicated(mesh)
+    return TrainState(
+        step=rep,
+        params=params,
+        anchor_params=params if state.anchor_params is not None else None,
+        opt_state=sharding.shardings_like_params(state.opt_state, state.params, params, mesh),
+        nonfinite_step=rep,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases
+
+
+def is_plain_sampling(config) -> bool:
+    """Whether the sampler draws from the model itself (temperature 1, no top-k/top-p, no forced
+    length): then its own log-probs are the model's and a log-prob pass of the sampling policy is free."""
+    return config.temperature == 1.0 and config.top_k == 0 and config.top_p == 1.0 and config.min_new_tokens == 0
+
+
+def sample_responses(setup: Setup, params, prompts, prompt_mask, key, count: int) -> SampleOutput:
+    """Phase 1: `count` responses per prompt from `params` through the compiled sampler: [B, count, T]."""
+    c = setup.config
+    return sample(
+        setup.model, params, prompts, prompt_mask, key, num_samples=count,
+        max_new_tokens=setup.task.max_response_length, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
+        eos_id=setup.task.eos_id, min_new_tokens=c.min_new_tokens,
+    )
+
+
+def score(setup: Setup, judges, out: SampleOutput) -> jax.Array:
+    """Phase 2: the reward judge's r(x, y) of every response: [B, S]."""
+    b, s, t = out.tokens.shape
+    flat = lambda x: x.reshape(b * s, t)
+    return setup.reward_fn(judges, flat(out.tokens), flat(out.attention_mask), flat(out.response_mask)).reshape(b, s)
+
+
+def policy_logprobs(setup: Setup, params, samples: Samples, prompt_length: int) -> jax.Array:
+    """log π(y | x) of [B, S, T] samples whose first `prompt_length` columns are their prompt: [B, S]."""
+    return sequence_logprobs(
+        params, samples.tokens, samples.response_mask, model=setup.model, attention_mask=samples.attention_mask,
+        shared_prompt_len=prompt_length,
+    )[1]
+
+
+def fixed_logprobs(setup: Setup, samples: Samples, source: str, logp_params: dict[str, Any],
+                   reads: frozenset[str] | set[str], prompt_length: int) -> Samples:
+    """Phase 3: `samples` (drawn from `source`) with ref_logp and anchor_logp filled, without gradient.
+
+    A field is computed when it is free — the sampler's own log-probs, when `source` drew the
+    samples from the model itself (`is_plain_sampling`) — or when `reads` names it ('ref_logp',
+    'anchor_logp'). A policy absent from `logp_params` (a run without an anchor) gives zeros.
+    Fields neither free nor read stay None, so a loss that reads one it did not declare fails
+    instead of silently reading zeros.
+    """
+    plain = is_plain_sampling(setup.config)
+
+    def under(name: str, field: str) -> Optional[jax.Array]:
+        if name == source and plain:
+            return samples.sampler_logp
+        if field not in reads:
+            return None
+        if logp_params.get(name) is None:
+            return jnp.zeros_like(samples.sampler_logp)
+        return policy_logprobs(setup, logp_params[name], samples, prompt_length)
+
+    return samples._replace(ref_logp=under("reference", "ref_logp"), anchor_logp=under("anchor", "anchor_logp"))
+
+
+def draw_samples(setup: Setup, params, prompts, prompt_mask, key, count: int, judges, source: str,
+                 logp_params: dict[str, Any], reads: frozenset[str] | set[str]) -> Optional[Samples]:
+    """Phases 1–3 for one sample set: `count` responses of `source`'s `params`, scored, with the
+    fixed log-probs `reads` names (see `fixed_logprobs`); None when count is 0."""
+    if not count:
+        return None
+    out = sample_responses(setup, params, prompts, prompt_mask, key, count)
+    samples = Samples(out.tokens, out.attention_mask, out.response_mask, score(setup, judges, out),
+                      out.logprobs.sum(-1), None, None)
+    return fixed_logprobs(setup, samples, source, logp_params, reads, prompts.shape[1])
+
+
+def pair_judge_of(setup: Setup, judges) -> Optional[Callable[[Samples], jax.Array]]:
+    """Samples [B, S, T] → P(y_i ≻ y_j) [B, S, S] from the run's pair scorer; None without one."""
+    if setup.preference_judge is None:
+        return None
+    return lambda s: preference_matrix(setup.preference_judge, judges["preference"], s.tokens, s.attention_mask,
+                                       s.response_mask)
+
+
+def loss_and_grad(setup: Setup, params, drawn: Drawn, hp, key, pair_judge, prompt_length: int):
+    """Phase 4: the algorithm's (loss, metrics) on the drawn samples and its gradient in `params`.
+
+    The policy's log-probs are the only differentiable quantity (`LossInputs.policy_logp`)."""
+
+    def loss_fn(p):
+        inputs = LossInputs(
+            policy_logp=functools.partial(policy_logprobs, setup, p, prompt_length=prompt_length),
+            policy=drawn.policy, anchor=drawn.anchor, reference=drawn.reference, hp=hp, algo=setup.config.algo,
+            key=key, pair_judge=pair_judge,
+        )
+        return setup.algorithm.loss(inputs)
+
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+
+def optimizer_update(optimizer: optax.GradientTransformation, params, opt_state, grads, hp):
+    """Phase 5: θ ← θ − lr·Adam(∇θ), with float32 optimizer state and update math; parameters
+    are stored back in their own dtype (bfloat16 allowed)."""
+    updates, opt_state = optimizer.update(as_float32(grads), opt_state, as_float32(params))
+    lr = hp["learning_rate"] * hp["lr_scale"]
+    params = jax.tree.map(lambda p, u: (p.astype(jnp.float32) - lr * u).astype(p.dtype), params, updates)
+    return params, opt_state
+
+
+def anchor_update(kind: str, anchor, params, step, hp, period: int):
+    """Phase 6: the anchor rule. 'ema': θ_anchor ← (1 − η)·θ_anchor + η·θ (BOND §6), in float32,
+    stored in the anchor's dtype; 'hard': copy θ every `period` steps (iterative BOND, §5)."""
+    if kind == "ema":
+        eta = hp["anchor_eta"]
+        return jax.tree.map(lambda a, p: ((1.0 - eta) * a.astype(jnp.float32) + eta * p).astype(a.dtype), anchor, params)
+    if kind == "hard":
+        move = (step + 1) % period == 0
+        return jax.tree.map(lambda a, p: jnp.where(move, p, a), anchor, params)
+    return anchor
+
+
+def step_metrics(loss, loss_metrics, grads, drawn: Drawn,
+                 kl_ref_estimate: Callable[[str, Samples], jax.Array]) -> dict[str, jax.Array]:
+    """Phase 7: the loss's metrics, the gradient norm, and per sample set (policy, anchor) its mean
+    reward, mean length and the Monte-Carlo KL(·‖π_ref) estimate mean(log q − log π_ref)."""
+    metrics = {**loss_metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    for name in ("policy", "anchor"):
+        samples = getattr(drawn, name)
+        if samples is not None:
+            metrics.update({
+                f"{name}_reward": jnp.mean(samples.rewards),
+                f"{name}_length": jnp.mean(jnp.sum(samples.response_mask, axis=-1)),
+                f"{name}_kl_ref_estimate": kl_ref_estimate(name, samples),
+            })
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def make_train_step(setup: Setup) -> Callable[[TrainState, Batch, Fixed, Traced], tuple[TrainState, dict]]:
+    """The step (state, batch, fixed, traced) → (state, metrics), the phases above in order.
+
+    Metrics are complete on the steps `bond.train.run` logs (every config.log_every-th and the
+    last); elsewhere a KL-to-reference estimate whose log-prob pass the loss does not read (the
+    algorithm declares what it reads, `Algorithm.reads`) is NaN and its pass skipped."""
+    plan, algorithm = setup.plan, setup.algorithm
+    optimizer = make_optimizer(setup.config)
+    period = int(setup.config.anchor.period)
+    log_every, num_steps = int(setup.config.log_every), int(setup.config.steps)
+
+    def step(state: TrainState, batch: Batch, fixed: Fixed, traced: Traced) -> tuple[TrainState, dict]:
+        hp, prompt_length = traced.hparams, batch.prompts.shape[1]
+        key = jax.random.fold_in(traced.seed_key, state.step)
+        k_policy, k_anchor, k_ref, k_loss = jax.random.split(key, 4)
+        logp_params = {"reference": fixed.reference, "anchor": state.anchor_params}
+
+        def draw(params, k, count, source):
+            return draw_samples(setup, params, batch.prompts, batch.prompt_mask, k, count, fixed.judges, source,
+                                logp_params, algorithm.reads_of(source))
+
+        policy = draw(state.params, k_policy, plan.policy, "policy")
+        anchor = draw(state.anchor_params, k_anchor, plan.anchor, "anchor")
+        if traced.reference_samples is not None:  # this batch's rows of the per-prompt reference samples
+            reference = jax.tree.map(lambda x: x[batch.prompt_rows], traced.reference_samples)
+        else:
+            reference = draw(fixed.reference, k_ref, plan.reference, "reference")
+        drawn = Drawn(policy, anchor, reference)
+
+        (loss, loss_metrics), grads = loss_and_grad(setup, state.params, drawn, hp, k_loss,
+                                                    pair_judge_of(setup, fixed.judges), prompt_length)
+        params, opt_state = optimizer_update(optimizer, state.params, state.opt_state, grads, hp)
+        anchor_params = anchor_update(setup.anchor_kind, state.anchor_params, params, state.step, hp, period)
+        first_bad = jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss), state.step, state.nonfinite_step)
+
+        # Reference log-probs that only the metrics read are computed on the steps that log them.
+        logging = ((state.step + 1) % log_every == 0) | (state.step + 1 == num_steps)
+
+        def kl_ref_estimate(name: str, samples: Samples) -> jax.Array:
+            if samples.ref_logp is not None:
+                return jnp.mean(samples.sampler_logp - samples.ref_logp)
+            estimate = lambda: jnp.mean(
+                samples.sampler_logp - policy_logprobs(setup, fixed.reference, samples, prompt_length))
+            return jax.lax.cond(logging, estimate, lambda: jnp.float32(jnp.nan))
+
+        metrics = step_metrics(loss, loss_metrics, grads, drawn, kl_ref_estimate)
+        return TrainState(state.step + 1, params, anchor_params, opt_state, first_bad), metrics
+
+    return step
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShardings:
+    """Where each of the step's inputs lives on the mesh (jax.jit's in_shardings, by name)."""
+
+    state: TrainState
+    batch: Batch
+    fixed: Fixed
+    traced: Traced
+
+    def inputs(self) -> tuple:
+        return (self.state, self.batch, self.fixed, self.traced)
+
+
+def compile_train_step(setup: Setup, shardings: StepShardings) -> Callable:
+    """jax.jit of the step with its shardings (the successor of pjit); the state is donated."""
+    return sharding.jit_sharded(
+        make_train_step(setup),
+        in_shardings=shardings.inputs(),
+        out_shardings=(shardings.state, sharding.replicated(setup.mesh)),
+        donate_argnums=(0,),
+    )
