@@ -1,4 +1,4 @@
-"""Sweeps (bond/sweep.py): points and names, config overrides, modes, resuming, results and plots.
+"""Sweeps (bond/sweep/): points and names, config overrides, modes, resuming, results and plots.
 
 One test runs a real sweep through the command line (a point in its own `python -m bond.main`
 process, another already finished); the population mode's numbers are tested against separate
