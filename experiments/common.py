@@ -34,7 +34,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bond import population, train  # noqa: E402
-from bond.config_base import load_config  # noqa: E402
+from bond.config_base import load_config, set_field  # noqa: E402
 from bond.metrics import read_metrics  # noqa: E402
 from bond.sweep import is_finished  # noqa: E402
 
@@ -59,17 +59,6 @@ def run_overrides(steps: int, eval_every: int, checkpoint_every: int, seed: int)
     device count; a test's fake devices would only pad populations)."""
     return {"steps": steps, "eval.every": eval_every, "checkpoint.every": checkpoint_every, "seed": seed,
             "num_devices": 1}
-
-
-def set_field(c: ml_collections.ConfigDict, field: str, value: Any) -> None:
-    """Sets a dotted field ("algo.beta") of a config; an unknown field is an error naming it."""
-    *parents, leaf = field.split(".")
-    node = c
-    for name in parents:
-        node = node[name]
-    if leaf not in node:
-        raise KeyError(f"config has no field {field!r}")
-    node[leaf] = value
 
 
 def train_runs(

@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bond import population, sweep
+from bond.config_base import base_config, set_field
 from bond.metrics import read_metrics
 from bond.sweep import product, sweep_config, zipped
 
@@ -111,6 +113,19 @@ def test_sweep_mode_choice():
         spec = sweep.load_sweep(f"configs/sweeps/{name}.py:quick")
         configs = [sweep.point_config(spec, p) for p in sweep.expand_points(spec)]
         assert sweep.choose_mode(spec.mode, configs) == ("processes" if name == "bond_n" else "population"), name
+
+
+def test_set_field_sets_dotted_fields_and_names_an_unknown_one():
+    config = base_config()
+    set_field(config, "algo.beta", 0.25)
+    set_field(config, "steps", 7)
+    assert (config.algo.beta, config.steps) == (0.25, 7)
+    for field in ("algo.gama", "algo.beta.x", "nope.beta"):
+        with pytest.raises(ValueError, match=rf"config\.{re.escape(field)} is not a field"):
+            set_field(config, field, 1.0)
+    assert "gama" not in config.algo and "nope" not in config
+    with pytest.raises(ValueError, match=r"config\.steps='many' has the wrong type"):
+        set_field(config, "steps", "many")
 
 
 def fake_point(workdir: Path, name: str, rewards: list[float] | None, error: str | None = None) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from bond.config_base import load_config
+from bond.config_base import load_config, set_field
 
 MODES = ("auto", "processes", "population")
 AXIS_KINDS = ("product", "zip")
@@ -157,18 +157,11 @@ def expand_points(spec: ml_collections.ConfigDict) -> list[Point]:
 
 
 def _set_field(config: ml_collections.ConfigDict, field: str, value: Any, what: str) -> None:
-    node = config
-    *parents, leaf = field.split(".")
+    """`config_base.set_field`, its error prefixed with `what` (the override or point it came from)."""
     try:
-        for part in parents:
-            node = node[part]
-        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            raise KeyError(field)
-        node[leaf] = value
-    except KeyError:
-        raise ValueError(f"{what}: config.{field} is not a field of the base config; check its spelling.") from None
-    except TypeError as e:
-        raise ValueError(f"{what}: config.{field}={value!r} has the wrong type ({e}).") from None
+        set_field(config, field, value)
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from None
 
 
 def base_config(spec: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
