@@ -128,6 +128,28 @@ def test_set_field_sets_dotted_fields_and_names_an_unknown_one():
         set_field(config, "steps", "many")
 
 
+def test_population_groups_split_configs_by_their_other_fields(tmp_path, monkeypatch):
+    """Configs that differ only in population fields (η, β, seed; `plots` too) share a group; one that
+    differs in another field (algo.num_samples) starts its own, and later configs join the first group
+    they fit. `run_in_population` runs each group as its own population."""
+    def config(**fields):
+        c = base_config()
+        for field, value in fields.items():
+            set_field(c, field.replace("__", "."), value)
+        return c
+
+    configs = [config(anchor__eta=0.01), config(algo__num_samples=2), config(anchor__eta=0.1, seed=3),
+               config(algo__num_samples=2, algo__beta=0.25), config(plots=False)]
+    assert sweep.population_groups(configs) == [[0, 2, 4], [1, 3]]
+
+    calls = []
+    monkeypatch.setattr(population, "run_population",
+                        lambda cs, workdirs, log: calls.append([Path(w).name for w in workdirs]) or [{} for _ in cs])
+    points = [sweep.Point((("i", i),)) for i in range(len(configs))]
+    assert sweep.run_in_population(configs, points, tmp_path, 0, QUIET) == {p.name: None for p in points}
+    assert calls == [["i=0", "i=2", "i=4"], ["i=1", "i=3"]]
+
+
 def fake_point(workdir: Path, name: str, rewards: list[float] | None, error: str | None = None) -> None:
     """A point folder as a run leaves it: eval rows at steps 0 and 10 and summary.json (or error.txt)."""
     run_dir = workdir / "points" / name

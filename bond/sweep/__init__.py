@@ -54,7 +54,7 @@ from bond.sweep.reporting import (
     HEADLINE_METRICS, collect_results, group_over_seeds, plot_sweep, point_status, write_results,
 )
 from bond.sweep.running import (
-    build_stages, choose_mode, point_command, run_in_population, run_processes, run_sweep,
+    build_stages, choose_mode, point_command, population_groups, run_in_population, run_processes, run_sweep,
 )
 from bond.sweep.spec import (
     AXIS_KINDS, MODES, ROOT, Point, base_config, check_spec, expand_points, format_value, is_finished,
@@ -66,6 +66,6 @@ __all__ = [
     "AXIS_KINDS", "HEADLINE_METRICS", "MODES", "ROOT", "Point", "base_config", "build_stages", "check_spec",
     "choose_mode", "collect_results", "expand_points", "format_value", "group_over_seeds", "is_finished",
     "load_sweep", "parse_override", "plan_sweep", "plot_sweep", "point_command", "point_config", "point_dir",
-    "point_status", "product", "resolve_config_spec", "run_in_population", "run_processes", "run_sweep",
-    "sweep_config", "with_base_args", "write_results", "zipped",
+    "point_status", "population_groups", "product", "resolve_config_spec", "run_in_population",
+    "run_processes", "run_sweep", "sweep_config", "with_base_args", "write_results", "zipped",
 ]

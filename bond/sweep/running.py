@@ -133,25 +133,50 @@ def build_stages(configs: Sequence[ml_collections.ConfigDict], log: Callable[[st
         train.make_setup(config, log)
 
 
+def population_groups(configs: Sequence[ml_collections.ConfigDict]) -> list[list[int]]:
+    """The configs' indices in groups that can each train as one population program: configs that
+    differ only in `population.POPULATION_FIELDS` go together (`population.check_population`).
+
+    Greedy, in order: a config joins the first group it fits, else starts a new one; so groups come in
+    the order of their first config, and indices in order within a group.
+    """
+    from bond import population
+
+    groups: list[list[int]] = []
+    for i, config in enumerate(configs):
+        for group in groups:
+            try:
+                population.check_population([*(configs[j] for j in group), config])
+            except ValueError:
+                continue
+            group.append(i)
+            break
+        else:
+            groups.append([i])
+    return groups
+
+
 def run_in_population(
     configs: Sequence[ml_collections.ConfigDict], points: Sequence[Point], workdir: Path, size: int,
     log: Callable[[str], None],
 ) -> dict[str, str | None]:
-    """Runs the points as populations of at most `size` members (0: all in one); → {name: None or error}."""
+    """Runs the points as populations (`population_groups`), each of at most `size` members (0: a
+    whole group in one); → {name: None or error}."""
     from bond import population
 
-    size = size or len(points)
     outcome: dict[str, str | None] = {}
-    for start in range(0, len(points), size):
-        chunk = list(range(start, min(start + size, len(points))))
-        log(f"population of {len(chunk)}: {', '.join(points[i].name for i in chunk)}")
-        results = population.run_population(
-            [configs[i] for i in chunk], [point_dir(workdir, points[i]) for i in chunk], log
-        )
-        for i, result in zip(chunk, results):
-            if "stopped_at" in result:
-                raise KeyboardInterrupt(f"population stopped by SIGTERM at step {result['stopped_at']}")
-            outcome[points[i].name] = result.get("error")
+    for group in population_groups(configs):
+        members = size or len(group)
+        for start in range(0, len(group), members):
+            chunk = group[start:start + members]
+            log(f"population of {len(chunk)}: {', '.join(points[i].name for i in chunk)}")
+            results = population.run_population(
+                [configs[i] for i in chunk], [point_dir(workdir, points[i]) for i in chunk], log
+            )
+            for i, result in zip(chunk, results):
+                if "stopped_at" in result:
+                    raise KeyboardInterrupt(f"population stopped by SIGTERM at step {result['stopped_at']}")
+                outcome[points[i].name] = result.get("error")
     return outcome
 
 
