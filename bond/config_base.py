@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
@@ -165,3 +166,25 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg or None)
+
+
+def set_field(config: ml_collections.ConfigDict, field: str, value: Any) -> None:
+    """Sets the dotted field `field` ("algo.beta") of `config` to `value`, as `--config.<field>=value` does.
+
+    The one setter of sweeps' points and overrides and of experiments' configs, so that a misspelled
+    field fails there, named, instead of adding a field that no run reads.
+
+    Raises:
+      ValueError naming the field: when `config` has no such field, or when `value`'s type does not
+      fit the field's (ml_collections keeps a field's type; an int may become a float).
+    """
+    node = config
+    *parents, leaf = field.split(".")
+    for part in parents:
+        node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        raise ValueError(f"config.{field} is not a field of the config; check its spelling.")
+    try:
+        node[leaf] = value
+    except TypeError as e:
+        raise ValueError(f"config.{field}={value!r} has the wrong type ({e}).") from None

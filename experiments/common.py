@@ -34,9 +34,9 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bond import population, train  # noqa: E402
-from bond.config_base import load_config  # noqa: E402
+from bond.config_base import load_config, set_field  # noqa: E402
 from bond.metrics import read_metrics  # noqa: E402
-from bond.sweep import is_finished  # noqa: E402
+from bond.sweep import is_finished, population_groups  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "experiments" / "results"
@@ -61,50 +61,23 @@ def run_overrides(steps: int, eval_every: int, checkpoint_every: int, seed: int)
             "num_devices": 1}
 
 
-def set_field(c: ml_collections.ConfigDict, field: str, value: Any) -> None:
-    """Sets a dotted field ("algo.beta") of a config; an unknown field is an error naming it."""
-    *parents, leaf = field.split(".")
-    node = c
-    for name in parents:
-        node = node[name]
-    if leaf not in node:
-        raise KeyError(f"config has no field {field!r}")
-    node[leaf] = value
-
-
 def train_runs(
     configs: Mapping[str, ml_collections.ConfigDict], root: Path, log: Callable[[str], None] = print
 ) -> dict[str, list[dict]]:
     """Trains every config (label → config) into root/<label>; returns label → its eval history.
 
     Finished runs (summary.json present) are not retrained. Configs that may share one program
-    (`population.check_population`) train as one population, the others one after another.
+    (`bond.sweep.population_groups`) train as one population, the others one after another.
     """
     root = Path(root)
-    pending = {label: c for label, c in configs.items() if not is_finished(root / label)}
-    for group in population_groups(pending):
-        labels = list(group)
+    pending = [label for label in configs if not is_finished(root / label)]
+    for group in population_groups([configs[label] for label in pending]):
+        labels = [pending[i] for i in group]
         if len(labels) == 1:
-            train.run(group[labels[0]], root / labels[0], log=log)
+            train.run(configs[labels[0]], root / labels[0], log=log)
         else:
-            population.run_population([group[l] for l in labels], [root / l for l in labels], log=log)
+            population.run_population([configs[l] for l in labels], [root / l for l in labels], log=log)
     return {label: eval_history(root / label) for label in configs}
-
-
-def population_groups(configs: Mapping[str, ml_collections.ConfigDict]) -> list[dict[str, ml_collections.ConfigDict]]:
-    """Splits configs into groups that can each train as one population program (greedily, in order)."""
-    groups: list[dict[str, ml_collections.ConfigDict]] = []
-    for label, c in configs.items():
-        for group in groups:
-            try:
-                population.check_population([*group.values(), c])
-            except ValueError:
-                continue
-            group[label] = c
-            break
-        else:
-            groups.append({label: c})
-    return groups
 
 
 def eval_history(run_dir: Path) -> list[dict]:

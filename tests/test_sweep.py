@@ -1,4 +1,4 @@
-"""Sweeps (bond/sweep.py): points and names, config overrides, modes, resuming, results and plots.
+"""Sweeps (bond/sweep/): points and names, config overrides, modes, resuming, results and plots.
 
 One test runs a real sweep through the command line (a point in its own `python -m bond.main`
 process, another already finished); the population mode's numbers are tested against separate
@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bond import population, sweep
+from bond.config_base import base_config, set_field
 from bond.metrics import read_metrics
 from bond.sweep import product, sweep_config, zipped
 
@@ -111,6 +113,41 @@ def test_sweep_mode_choice():
         spec = sweep.load_sweep(f"configs/sweeps/{name}.py:quick")
         configs = [sweep.point_config(spec, p) for p in sweep.expand_points(spec)]
         assert sweep.choose_mode(spec.mode, configs) == ("processes" if name == "bond_n" else "population"), name
+
+
+def test_set_field_sets_dotted_fields_and_names_an_unknown_one():
+    config = base_config()
+    set_field(config, "algo.beta", 0.25)
+    set_field(config, "steps", 7)
+    assert (config.algo.beta, config.steps) == (0.25, 7)
+    for field in ("algo.gama", "algo.beta.x", "nope.beta"):
+        with pytest.raises(ValueError, match=rf"config\.{re.escape(field)} is not a field"):
+            set_field(config, field, 1.0)
+    assert "gama" not in config.algo and "nope" not in config
+    with pytest.raises(ValueError, match=r"config\.steps='many' has the wrong type"):
+        set_field(config, "steps", "many")
+
+
+def test_population_groups_split_configs_by_their_other_fields(tmp_path, monkeypatch):
+    """Configs that differ only in population fields (η, β, seed; `plots` too) share a group; one that
+    differs in another field (algo.num_samples) starts its own, and later configs join the first group
+    they fit. `run_in_population` runs each group as its own population."""
+    def config(**fields):
+        c = base_config()
+        for field, value in fields.items():
+            set_field(c, field.replace("__", "."), value)
+        return c
+
+    configs = [config(anchor__eta=0.01), config(algo__num_samples=2), config(anchor__eta=0.1, seed=3),
+               config(algo__num_samples=2, algo__beta=0.25), config(plots=False)]
+    assert sweep.population_groups(configs) == [[0, 2, 4], [1, 3]]
+
+    calls = []
+    monkeypatch.setattr(population, "run_population",
+                        lambda cs, workdirs, log: calls.append([Path(w).name for w in workdirs]) or [{} for _ in cs])
+    points = [sweep.Point((("i", i),)) for i in range(len(configs))]
+    assert sweep.run_in_population(configs, points, tmp_path, 0, QUIET) == {p.name: None for p in points}
+    assert calls == [["i=0", "i=2", "i=4"], ["i=1", "i=3"]]
 
 
 def fake_point(workdir: Path, name: str, rewards: list[float] | None, error: str | None = None) -> None:
