@@ -122,7 +122,7 @@ def build_stages(configs: Sequence[ml_collections.ConfigDict], log: Callable[[st
     """Pretrains (or finds in the cache) the reference and reward models the configs need, once
     each, before the point processes start: otherwise every process that starts together would
     build the same one."""
-    from bond import train
+    from bond.context import make_setup
 
     def stage_fields(config: ml_collections.ConfigDict) -> str:
         fields = ("task", "model", "reference", "reward_model", "cache_dir")
@@ -130,7 +130,7 @@ def build_stages(configs: Sequence[ml_collections.ConfigDict], log: Callable[[st
                            for k in fields}, sort_keys=True)
 
     for config in {stage_fields(c): c for c in configs}.values():
-        train.make_setup(config, log)
+        make_setup(config, log)
 
 
 def population_groups(configs: Sequence[ml_collections.ConfigDict]) -> list[list[int]]:
