@@ -235,3 +235,25 @@ def test_wind_learns_from_the_pair_scorer(tmp_path):
     assert len(trained) == 1 and np.isfinite(trained[0]["train/loss"])
     assert 0.0 < trained[0]["train/preference_decidedness"] <= 0.5
     assert 0.0 <= summary["after"]["eval/preference_win_rate_vs_ref"] <= 1.0
+
+
+def test_seeds_only_sweep_of_a_pretrained_config_runs_as_a_population_matching_separate_runs(tmp_path):
+    """A sweep over seeds of configs/pretrained/j_bond_gemma.py:tiny goes to population mode (every
+    varied field is traced) and each member ends where its own `train.run` does."""
+    from bond import population, sweep
+
+    configs = [_tiny("j_bond_gemma.py", seed=seed, steps=2, num_devices=1) for seed in (0, 1)]
+    assert sweep.choose_mode("auto", configs) == "population"
+    results = population.run_population(configs, [tmp_path / f"member{s}" for s in (0, 1)], log=lambda s: None)
+    for seed, config, member in zip((0, 1), configs, results):
+        separate = train.run(config, tmp_path / f"separate{seed}", log=lambda s: None)
+        member_rows = read_metrics(tmp_path / f"member{seed}" / "metrics.jsonl")
+        separate_rows = read_metrics(tmp_path / f"separate{seed}" / "metrics.jsonl")
+        assert [r["step"] for r in member_rows] == [r["step"] for r in separate_rows]
+        for got, want in zip(member_rows, separate_rows):
+            assert sorted(got) == sorted(want)
+            for key in want:
+                np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-5, err_msg=f"seed {seed} {key}")
+        assert member["after"] == pytest.approx(separate["after"], abs=1e-5)
+    # The seeds differ, so the members must too: the comparison above is not of one run with itself.
+    assert results[0]["after"]["eval/reward"] != results[1]["after"]["eval/reward"]
