@@ -209,11 +209,6 @@ def rso_monte_carlo(
 # The experiment.
 
 
-def exact_reference(quick: bool) -> tuple[np.ndarray, np.ndarray]:
-    """π_ref(y|x) and r(x, y) over every response of the toy language's eval prompts: [B, M] each."""
-    return exact_reference(common.config("bond.py", quick, seed=SEED))
-
-
 def rso_table(ref_probs: np.ndarray, rewards: np.ndarray, num_draws: int) -> list[dict]:
     """One row per (β, k): exact target, acceptance and accepted-sample quantities, and the Monte-Carlo check."""
     rows = []
@@ -329,7 +324,7 @@ def reward_std(probs: ArrayLike, rewards: ArrayLike) -> np.ndarray:
 
 def run(out: Path, quick: bool) -> dict:
     """(a) the RSO table, (b) exact Best-of-N and the trained runs; writes the figure, returns the numbers."""
-    ref_probs, rewards = exact_reference(quick)
+    ref_probs, rewards = exact_reference(common.config("bond.py", quick, seed=SEED))
     rso = rso_table(ref_probs, rewards, num_draws=100 if quick else 4000)
     bon_pts = bon_points(ref_probs, rewards)
     curves = {label: curve(h) for label, h in trained_runs(out, quick).items()}
