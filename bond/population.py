@@ -48,6 +48,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from bond import sharding, stages, train
 from bond.checkpoint import Checkpointer, abstract_like, install_sigterm_handler
 from bond.metrics import MetricWriter, NonFiniteLossError, Progress
+from bond.plots import write_reference_front
 from bond.tasks.prompts import load_prompts, read_prompt_batch
 from bond.validation import validate
 
@@ -336,6 +337,9 @@ def run_population(
             member_setup = dataclasses.replace(setup, config=ml_collections.FrozenConfigDict(config))
             evaluators[config.seed] = train.Evaluator(member_setup, ref_params, train.eval_key(config.seed))
         return evaluators[config.seed]
+
+    for m in members:  # as train.run does
+        write_reference_front(m.workdir, evaluator(m.config).reference_points())
 
     def alive() -> list[tuple[int, _Member]]:
         return [(i, m) for i, m in enumerate(members) if m.error is None]

@@ -27,7 +27,7 @@ from bond import algorithms, bon, exact, sharding, stages
 from bond.algorithms import Algorithm, LossInputs, Samples, SamplingPlan
 from bond.checkpoint import Checkpointer, abstract_like, install_sigterm_handler
 from bond.metrics import MetricWriter, Progress, check_finite, read_metrics
-from bond.plots import plot_run
+from bond.plots import plot_run, write_reference_front
 from bond.models import TransformerConfig, param_logical_axes, reward_model_scores, sequence_logprobs
 from bond.models.preference import Responses, preference_matrix, symmetric_preference
 from bond.sampling import sample
@@ -492,6 +492,14 @@ class Evaluator:
             return {k: float(v) for k, v in metrics.items()}
         return self._sampled(params)
 
+    def reference_points(self) -> Optional[dict]:
+        """π_ref's exact Best-of-N points (config.eval.bon_ns) and KL-regularized front on the eval
+        prompts, averaged over them as the metrics are (`exact.reference_front`); None when sampling."""
+        if not self.exact:
+            return None
+        ref_probs = np.exp(np.asarray(self.ref_logprobs, np.float64))
+        return exact.reference_front(ref_probs, np.asarray(self.rewards), self.setup.config.eval.bon_ns)
+
     def _sampled(self, params) -> dict[str, float]:
         c = self.setup.config
         k_policy, k_ref = jax.random.split(self.key)
@@ -567,6 +575,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
         ref_cache = build_reference_cache(setup, local_ref_params, prompt_source, reference_cache_key(c.seed))
         ref_cache = sharding.place(ref_cache, replicated)
     evaluator = Evaluator(setup, local_ref_params, eval_key(c.seed))
+    if jax.process_index() == 0:
+        write_reference_front(workdir, evaluator.reference_points())
     stop = install_sigterm_handler()
     progress = Progress(c.steps)
 
