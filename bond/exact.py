@@ -470,39 +470,19 @@ def exact_metrics(
 FRONT_BETAS: tuple[float, ...] = tuple(np.geomspace(1e-3, 1e2, 240).tolist())
 
 
-def reward_distribution(ref_probs: ArrayLike, rewards: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """π_ref's distribution of the reward, per prompt: (values [B, C], masses [B, C]) in float64.
-
-    Row b lists prompt b's distinct rewards with positive reference mass, ascending, and the mass
-    of each (normalized to sum to 1); rows with fewer than C values are padded with mass 0 at
-    their highest value. Every policy on the trade-off curves below (π_β ∝ π_ref·exp(r/β), and
-    π_BoN, ties broken in proportion to π_ref) has π/π_ref constant on each reward value, so their
-    rewards and KL(·‖π_ref) are sums over these C values instead of the M responses.
-
-    Args:
-      ref_probs: [B, M] π_ref over each prompt's whole response space.
-      rewards: [B, M] r(x, y).
-    """
+def _reference_tables(ref_probs: ArrayLike, rewards: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """(π_ref normalized per prompt, r) as float64 [B, M] arrays, after checking their shapes."""
     ref_probs, rewards = np.asarray(ref_probs, np.float64), np.asarray(rewards, np.float64)
     if ref_probs.shape != rewards.shape or ref_probs.ndim != 2:
         raise ValueError(f"ref_probs and rewards must both be [B, M]; got {ref_probs.shape} and {rewards.shape}.")
-    rows = []
-    for p, r in zip(ref_probs, rewards):
-        values, inverse = np.unique(r, return_inverse=True)
-        masses = np.bincount(inverse, weights=p, minlength=len(values))
-        keep = masses > 0
-        rows.append((values[keep], masses[keep] / masses[keep].sum()))
-    width = max(len(v) for v, _ in rows)
-    values = np.stack([np.pad(v, (0, width - len(v)), mode="edge") for v, _ in rows])
-    masses = np.stack([np.pad(m, (0, width - len(m))) for _, m in rows])
-    return values, masses
+    return ref_probs / ref_probs.sum(axis=-1, keepdims=True), rewards
 
 
-def _kl_to(log_q: np.ndarray, log_masses: np.ndarray) -> np.ndarray:
-    """KL(q‖π_ref) over the last axis, from log q and log π_ref on the reward values (0·log 0 = 0)."""
+def _kl_to(log_q: np.ndarray, log_ref: np.ndarray) -> np.ndarray:
+    """KL(q‖π_ref) over the last axis, from log q and log π_ref (0·log 0 = 0)."""
     q = np.exp(log_q)
     positive = q > 0
-    return np.sum(q * (np.where(positive, log_q, 0.0) - np.where(positive, log_masses, 0.0)), axis=-1)
+    return np.sum(q * (np.where(positive, log_q, 0.0) - np.where(positive, log_ref, 0.0)), axis=-1)
 
 
 def kl_regularized_front(ref_probs: ArrayLike, rewards: ArrayLike, betas: Sequence[float] = FRONT_BETAS
@@ -522,21 +502,28 @@ def kl_regularized_front(ref_probs: ArrayLike, rewards: ArrayLike, betas: Sequen
     Returns:
       {"kl": [...], "reward": [...], "beta": [None, ...]}, plain floats, π_ref first.
     """
-    values, masses = reward_distribution(ref_probs, rewards)
+    ref_probs, rewards = _reference_tables(ref_probs, rewards)
     betas = np.asarray(betas, np.float64)
     if betas.ndim != 1 or not np.all(betas > 0):
         raise ValueError(f"betas must be a list of positive numbers, got {betas}.")
-    with np.errstate(divide="ignore"):
-        log_masses = np.log(masses)  # [B, C]; −inf on padding
-    points = [(0.0, float(np.sum(masses * values, axis=-1).mean()), None)]
-    for beta in betas:  # one β at a time: memory stays [B, C]
-        logits = log_masses + values / beta
-        top = np.max(logits, axis=-1, keepdims=True)
-        log_q = logits - top - np.log(np.sum(np.exp(logits - top), axis=-1, keepdims=True))
-        reward = np.sum(np.exp(log_q) * values, axis=-1).mean()
-        points.append((float(_kl_to(log_q, log_masses).mean()), float(reward), float(beta)))
+    # With r* the highest reward and s = Σ π_ref·exp((r − r*)/β) (no underflow: the best responses
+    # add their own mass): E_β[r] = Σ π_ref·exp((r − r*)/β)·r / s and, as log π_β = log π_ref + r/β
+    # − log Z_β, KL(π_β‖π_ref) = E_β[r]/β − log Z_β = (E_β[r] − r*)/β − log s.
+    top = np.max(np.where(ref_probs > 0, rewards, -np.inf), axis=-1, keepdims=True)
+    below_top = np.minimum(rewards - top, 0.0)  # responses with π_ref = 0 may lie above r*
+    points = [(0.0, float(np.sum(ref_probs * rewards, axis=-1).mean()), None)]
+    for beta in betas:  # one β at a time: memory stays [B, M]
+        weights = ref_probs * np.exp(below_top / beta)
+        total = weights.sum(axis=-1)
+        reward = np.sum(weights * rewards, axis=-1) / total
+        kl = np.maximum((reward - top[:, 0]) / beta - np.log(total), 0.0)
+        points.append((float(kl.mean()), float(reward.mean()), float(beta)))
     points.sort(key=lambda p: p[0])
     return {"kl": [p[0] for p in points], "reward": [p[1] for p in points], "beta": [p[2] for p in points]}
+
+
+# bon.bon_log_probs compiled once per table shape, N traced (op by op it costs seconds more per run).
+_bon_log_probs = jax.jit(bon.bon_log_probs)
 
 
 def bon_points(ref_probs: ArrayLike, rewards: ArrayLike, ns: Sequence[int]) -> dict[str, list]:
@@ -550,17 +537,17 @@ def bon_points(ref_probs: ArrayLike, rewards: ArrayLike, ns: Sequence[int]) -> d
     Returns:
       {"n": [...], "kl": [...], "reward": [...]}, plain numbers in the order of `ns`.
     """
-    values, masses = reward_distribution(ref_probs, rewards)
+    ref_probs, rewards = _reference_tables(ref_probs, rewards)
     with np.errstate(divide="ignore"):
-        log_masses = np.log(masses)
+        log_ref = np.log(ref_probs)
     points = {"n": [], "kl": [], "reward": []}
     for n in ns:
         if int(n) != n or n < 1:
             raise ValueError(f"ns must be positive integers, got {list(ns)}.")
-        log_bon = np.asarray(bon.bon_log_probs(masses, values, float(n)), np.float64)
+        log_bon = np.asarray(_bon_log_probs(ref_probs, rewards, float(n)), np.float64)
         points["n"].append(int(n))
-        points["kl"].append(float(_kl_to(log_bon, log_masses).mean()))
-        points["reward"].append(float(np.sum(np.exp(log_bon) * values, axis=-1).mean()))
+        points["kl"].append(float(_kl_to(log_bon, log_ref).mean()))
+        points["reward"].append(float(np.sum(np.exp(log_bon) * rewards, axis=-1).mean()))
     return points
 
 

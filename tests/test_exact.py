@@ -269,7 +269,7 @@ def _tilted(ref, rewards, beta):
     return np.exp(logits - logsumexp(logits))
 
 
-# Two prompts with tied rewards (the functions group responses by reward value) and a
+# Two prompts with tied rewards (Best-of-N breaks ties at random) and a
 # zero-probability response in the second.
 FRONT_REF = np.array([[0.1, 0.2, 0.3, 0.15, 0.25], [0.4, 0.0, 0.3, 0.2, 0.1]])
 FRONT_REWARDS = np.array([[0.0, 1.0, 1.0, 2.0, 0.5], [1.0, 3.0, 0.0, 1.0, 2.0]])
