@@ -303,7 +303,7 @@ def run_population(
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
         checkpointer = Checkpointer(workdir / "checkpoints", save_every=c.checkpoint.every, keep=c.checkpoint.keep)
-        members.append(_Member(config, workdir, MetricWriter(workdir), checkpointer, None))
+        members.append(_Member(config, workdir, MetricWriter.for_run(workdir, config), checkpointer, None))
 
     start = common_resume_step([m.checkpointer for m in members])
     single = train.init_state(setup, ref_params)

@@ -554,7 +554,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
     state = sharding.place(state, shardings)
     ref_params = sharding.place(ref_params, shardings.params)
     checkpointer = Checkpointer(workdir / "checkpoints", save_every=c.checkpoint.every, keep=c.checkpoint.keep)
-    writer = MetricWriter(workdir)
+    writer = MetricWriter.for_run(workdir, c)
     start = checkpointer.latest_step()
     if start is not None:
         state, _ = checkpointer.restore(start, abstract_state=abstract_like(state, shardings))

@@ -14,6 +14,7 @@ import jax
 import ml_collections
 
 from bond import algorithms, sharding
+from bond.metrics import wandb_problem
 from bond.losses.wind import VARIANTS as WIND_VARIANTS
 from bond.tasks import TASK_NAMES
 
@@ -109,6 +110,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         _require(config.task == "synthetic_language", f"config.reward_model.use_proxy needs task 'synthetic_language' (a task with preference data), not {config.task!r}.")
     if config.task == PRETRAINED_TASK:
         validate_pretrained(config)
+    wandb = wandb_problem(config.get("wandb"))
+    _require(wandb is None, wandb)
 
     algorithm = algorithms.get_algorithm(config.algorithm)
     if algorithm.validate is not None:
