@@ -2,9 +2,14 @@
 
 from setuptools import find_packages, setup
 
+# Lower bounds: the oldest releases the tests ran on (jax/jaxlib 0.10.2, flax 0.12, optax 0.2.8,
+# orbax-checkpoint 0.12). Upper bounds exclude only releases that do not exist yet: each minor
+# release of jax removes APIs the one before deprecated (and flax/orbax follow jax), so the next one
+# is let in once the tests pass on it. Released and allowed today: jax/jaxlib 0.12, flax 0.12.12,
+# orbax-checkpoint 0.12.8.
 RUNTIME = [
-    "jax>=0.10.2,<0.11",
-    "jaxlib>=0.10.2,<0.11",
+    "jax>=0.10.2,<0.13",
+    "jaxlib>=0.10.2,<0.13",
     "flax>=0.12,<0.13",
     "optax>=0.2.8,<0.3",
     "orbax-checkpoint>=0.12,<0.13",
@@ -38,9 +43,24 @@ TEST = [
 
 # Optional: the comparison runs of the benchmarks (HF generate, TRL) on CPU.
 BENCH = [
-    "torch==2.13.0",
+    "torch==2.13.0",  # exactly: benchmarks/README.md's comparisons were measured with torch 2.13.0+cpu
     "transformers",
     "trl",
+]
+
+# Optional: metrics to Weights & Biases as well (config.wandb). 0.19.10 brought reinit="create_new",
+# which keeps a population's member runs open side by side.
+WANDB = ["wandb>=0.19.10"]
+
+# Optional: TPU hosts. A libtpu build serves exactly one jax/jaxlib release, so the extra pins all
+# three together, as jax 0.10.2's own `jax[tpu]` extra does (its METADATA: libtpu==0.0.42.*); a
+# `jax[tpu]` within RUNTIME's range could pair a newer jax with the libtpu of another. To move a TPU
+# install to a newer jax, change the three pins together from that jax wheel's METADATA.
+TPU = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "libtpu==0.0.42.*",
+    "requests",  # jax[tpu] needs it to read the TPU VM's metadata
 ]
 
 setup(
@@ -52,5 +72,5 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["bond", "bond.*"]),
     install_requires=RUNTIME,
-    extras_require={"test": TEST, "bench": BENCH},
+    extras_require={"test": TEST, "bench": BENCH, "wandb": WANDB, "tpu": TPU},
 )

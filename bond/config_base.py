@@ -94,6 +94,11 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
 
+    # Weights & Biases logging of the metrics (pip install -e ".[wandb]"): off while project is "".
+    # entity "" = your default entity; mode "" = wandb's default (online, or $WANDB_MODE), or
+    # "offline" (sync later with `wandb sync`) or "disabled".
+    c.wandb = ml_collections.ConfigDict(dict(project="", entity="", mode=""))
+
     c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 absorbs the remaining devices
     c.num_devices = 0  # devices the mesh spans (the first ones); 0 = all
     c.plots = True

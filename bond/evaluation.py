@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +75,14 @@ class Evaluator:
             metrics["log_quantile"] = jnp.mean(jnp.sum(jnp.exp(logprobs) * self.log_p_le, axis=-1))
             return {k: float(v) for k, v in metrics.items()}
         return self._sampled(params)
+
+    def reference_points(self) -> Optional[dict]:
+        """π_ref's exact Best-of-N points (config.eval.bon_ns) and KL-regularized front on the eval
+        prompts, averaged over them as the metrics are (`exact.reference_front`); None when sampling."""
+        if not self.exact:
+            return None
+        ref_probs = np.exp(np.asarray(self.ref_logprobs, np.float64))
+        return exact.reference_front(ref_probs, np.asarray(self.rewards), self.setup.config.eval.bon_ns)
 
     def _sampled(self, params) -> dict[str, float]:
         c = self.setup.config

@@ -16,7 +16,9 @@ elements (V = 9, L = 5: M = 4,681 + 32,768 = 37,449). This module lists them
 (`enumerate_responses`), computes log π(y|x) of every one of them for every prompt with a few
 batched forward passes (`response_logprobs`), and turns those tables into exact metrics:
 expected reward, KL to the reference, KL to and from the exact best-of-N distribution of the
-reference, and the win rate against the reference (`exact_metrics`).
+reference, and the win rate against the reference (`exact_metrics`); and into the reference's own
+trade-offs on the reward/KL plane (`reference_front`: the Best-of-N points and the KL-regularized
+front π_β ∝ π_ref·exp(r/β)).
 
 How `response_logprobs` saves work (prefix sharing). The responses form a trie: a node is a
 prefix of non-EOS tokens, and every response is a node followed by EOS, or a depth-(L-1) leaf
@@ -458,3 +460,103 @@ def exact_metrics(
         raise ValueError(f"bon_ns must be positive integers, got {bon_ns}.")
     per_prompt = _exact_metrics_jit(logprobs, ref_logprobs, rewards, bon_ns)
     return {"per_prompt": per_prompt, "mean": {k: jnp.mean(v) for k, v in per_prompt.items()}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference's exact trade-offs on the reward/KL plane: Best-of-N and the KL-regularized front
+
+# β of the KL-regularized front, dense enough that linear interpolation between its points is
+# within ~1e-3 of it on the toy tasks' rewards.
+FRONT_BETAS: tuple[float, ...] = tuple(np.geomspace(1e-3, 1e2, 240).tolist())
+
+
+def _reference_tables(ref_probs: ArrayLike, rewards: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """(π_ref normalized per prompt, r) as float64 [B, M] arrays, after checking their shapes."""
+    ref_probs, rewards = np.asarray(ref_probs, np.float64), np.asarray(rewards, np.float64)
+    if ref_probs.shape != rewards.shape or ref_probs.ndim != 2:
+        raise ValueError(f"ref_probs and rewards must both be [B, M]; got {ref_probs.shape} and {rewards.shape}.")
+    return ref_probs / ref_probs.sum(axis=-1, keepdims=True), rewards
+
+
+def _kl_to(log_q: np.ndarray, log_ref: np.ndarray) -> np.ndarray:
+    """KL(q‖π_ref) over the last axis, from log q and log π_ref (0·log 0 = 0)."""
+    q = np.exp(log_q)
+    positive = q > 0
+    return np.sum(q * (np.where(positive, log_q, 0.0) - np.where(positive, log_ref, 0.0)), axis=-1)
+
+
+def kl_regularized_front(ref_probs: ArrayLike, rewards: ArrayLike, betas: Sequence[float] = FRONT_BETAS
+                         ) -> dict[str, list]:
+    """(mean KL(π_β‖π_ref), mean E_{π_β}[r]) over prompts for π_β ∝ π_ref·exp(r/β), sorted by KL,
+    starting with π_ref itself (β = ∞, listed as None).
+
+    π_β is the maximizer of E_π[r] − β·KL(π‖π_ref) (the KL-control solution; Korbak et al. 2022,
+    arXiv 2206.00761, and BOND §2). With one β for every prompt it maximizes the sum over prompts
+    too, so these pairs lie on the Pareto front of mean reward against mean KL: no policy has a
+    higher mean reward at the same mean KL.
+
+    Args:
+      ref_probs, rewards: [B, M] over each prompt's whole response space.
+      betas: the β values (> 0).
+
+    Returns:
+      {"kl": [...], "reward": [...], "beta": [None, ...]}, plain floats, π_ref first.
+    """
+    ref_probs, rewards = _reference_tables(ref_probs, rewards)
+    betas = np.asarray(betas, np.float64)
+    if betas.ndim != 1 or not np.all(betas > 0):
+        raise ValueError(f"betas must be a list of positive numbers, got {betas}.")
+    # With r* the highest reward and s = Σ π_ref·exp((r − r*)/β) (no underflow: the best responses
+    # add their own mass): E_β[r] = Σ π_ref·exp((r − r*)/β)·r / s and, as log π_β = log π_ref + r/β
+    # − log Z_β, KL(π_β‖π_ref) = E_β[r]/β − log Z_β = (E_β[r] − r*)/β − log s.
+    top = np.max(np.where(ref_probs > 0, rewards, -np.inf), axis=-1, keepdims=True)
+    below_top = np.minimum(rewards - top, 0.0)  # responses with π_ref = 0 may lie above r*
+    points = [(0.0, float(np.sum(ref_probs * rewards, axis=-1).mean()), None)]
+    for beta in betas:  # one β at a time: memory stays [B, M]
+        weights = ref_probs * np.exp(below_top / beta)
+        total = weights.sum(axis=-1)
+        reward = np.sum(weights * rewards, axis=-1) / total
+        kl = np.maximum((reward - top[:, 0]) / beta - np.log(total), 0.0)
+        points.append((float(kl.mean()), float(reward.mean()), float(beta)))
+    points.sort(key=lambda p: p[0])
+    return {"kl": [p[0] for p in points], "reward": [p[1] for p in points], "beta": [p[2] for p in points]}
+
+
+# bon.bon_log_probs compiled once per table shape, N traced (op by op it costs seconds more per run).
+_bon_log_probs = jax.jit(bon.bon_log_probs)
+
+
+def bon_points(ref_probs: ArrayLike, rewards: ArrayLike, ns: Sequence[int]) -> dict[str, list]:
+    """(mean KL(π_BoN‖π_ref), mean E_{π_BoN}[r]) over prompts for each N: where Best-of-N sampling
+    from π_ref lands on the reward/KL plane (π_BoN from BOND Thm 1, `bond.bon.bon_log_probs`).
+
+    Args:
+      ref_probs, rewards: [B, M] over each prompt's whole response space.
+      ns: the values of N (>= 1).
+
+    Returns:
+      {"n": [...], "kl": [...], "reward": [...]}, plain numbers in the order of `ns`.
+    """
+    ref_probs, rewards = _reference_tables(ref_probs, rewards)
+    with np.errstate(divide="ignore"):
+        log_ref = np.log(ref_probs)
+    points = {"n": [], "kl": [], "reward": []}
+    for n in ns:
+        if int(n) != n or n < 1:
+            raise ValueError(f"ns must be positive integers, got {list(ns)}.")
+        log_bon = np.asarray(_bon_log_probs(ref_probs, rewards, float(n)), np.float64)
+        points["n"].append(int(n))
+        points["kl"].append(float(_kl_to(log_bon, log_ref).mean()))
+        points["reward"].append(float(np.sum(np.exp(log_bon) * rewards, axis=-1).mean()))
+    return points
+
+
+def reference_front(ref_probs: ArrayLike, rewards: ArrayLike, bon_ns: Sequence[int],
+                    betas: Sequence[float] = FRONT_BETAS) -> dict[str, dict[str, list]]:
+    """The reference's exact trade-offs on a run's reward/KL plot, averaged over prompts as the
+    evaluation metrics are: {"bon": `bon_points`, "front": `kl_regularized_front`}.
+
+    A policy trained from π_ref lies on or below the front; Best-of-N points lie below it too
+    (BoN is not the KL-optimal way to spend KL(·‖π_ref)), and BOND aims at them.
+    """
+    return {"bon": bon_points(ref_probs, rewards, bon_ns), "front": kl_regularized_front(ref_probs, rewards, betas)}

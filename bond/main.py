@@ -18,6 +18,11 @@ pretrains (or loads) the reference, trains, evaluates against the reference, wri
 metrics.jsonl, TensorBoard events, checkpoints, summary.json and plots under the workdir, and
 prints the before → after summary. A config error exits with status 2 and one message. Compiled
 programs are cached under the config's cache_dir (`xla/`), so a resumed run skips its compiles.
+
+Logging. The run prints its own progress lines and summary; the libraries' logging (absl, orbax,
+jax, tensorflow_datasets) stays at WARNING. absl's `--verbosity` (`-v`) brings it back:
+`--verbosity=0` shows their INFO lines (orbax alone writes about fifteen per checkpoint),
+`--verbosity=1` their DEBUG lines.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import sys
 from pathlib import Path
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from bond.validation import ConfigError
@@ -59,14 +65,34 @@ def default_workdir(algorithm: str) -> Path:
     return Path("runs") / f"{algorithm}-{stamp}"
 
 
+def quiet_library_logging() -> None:
+    """Library logging at WARNING unless --verbosity (-v) was given on the command line.
+
+    absl's app.run raises an unset --verbosity to 0 (INFO) once the flags are parsed, and the
+    libraries log through absl's handler on the root logger: orbax alone writes about fifteen INFO
+    lines per checkpoint. The run's own output is printed, not logged, so it is unaffected.
+    """
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+# Which way each KL of the summary table goes (bond/exact.py `exact_metrics`).
+KL_LEGEND = (
+    "  kl_a_b = KL(a‖b), policy = π, ref = π_ref, bonN = best-of-N of π_ref: "
+    "kl_policy_bonN = KL(π‖π_BoN) (backward), kl_bonN_policy = KL(π_BoN‖π) (forward)"
+)
+
+
 def format_summary(summary: dict) -> str:
-    """The before → after table of the evaluation metrics."""
+    """The before → after table of the evaluation metrics, with a line naming the KL directions."""
     before, after = summary.get("before", {}), summary.get("after", {})
     lines = [f"{summary['algorithm']} on {summary['task']}, {summary['steps']} steps: evaluation before → after"]
     first = ["eval/reward", "eval/kl_policy_ref", "eval/win_rate_vs_ref", "eval/log_quantile", "eval/proxy_reward"]
     for key in [k for k in first if k in after] + sorted(k for k in after if k not in first):
         name = key.removeprefix("eval/")
         lines.append(f"  {name:<22} {before.get(key, float('nan')):>10.4f} → {after[key]:>10.4f}")
+    if any(key.startswith("eval/kl_") for key in after):
+        lines.append(KL_LEGEND)
     return "\n".join(lines)
 
 
@@ -88,6 +114,7 @@ def use_compilation_cache(cache_dir: str) -> str:
 def main(argv) -> None:
     """Runs the config given by the flags into the workdir and prints the summary."""
     del argv
+    quiet_library_logging()
     if flags.FLAGS.distributed:
         join_cluster()
     from bond import train  # imported here so that --help stays fast

@@ -4,6 +4,8 @@ Files in the run's workdir:
 
   metrics.jsonl          one line per `MetricWriter.write`: {"step": t, "<name>": <float>, ...}
   events.out.tfevents.*  the same scalars for TensorBoard (`tensorboard --logdir <workdir>`)
+  wandb/, wandb_run_id   with Weights & Biases on (config.wandb.project set, `MetricWriter.for_run`):
+                         wandb's own files, and the id that a resumed run continues
 
 Resuming after a crash. The lines written after the last checkpoint belong to steps the resumed
 run repeats; `MetricWriter.truncate_after(restored_step)` removes them (and hides the repeated
@@ -17,8 +19,10 @@ progress lines do nothing.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import secrets
 import sys
 import time
 import warnings
@@ -30,6 +34,10 @@ import numpy as np
 from jax.typing import ArrayLike
 
 METRICS_FILENAME = "metrics.jsonl"
+WANDB_ID_FILENAME = "wandb_run_id"
+# config.wandb.mode: "" is wandb's default (online, or $WANDB_MODE).
+WANDB_MODES = ("", "online", "offline", "disabled")
+WANDB_INSTALL = 'pip install -e ".[wandb]"'
 
 
 def _is_writer_process() -> bool:
@@ -75,7 +83,8 @@ def _scalars(metrics: Mapping[str, ArrayLike], fn: str) -> dict[str, float]:
 
 
 class MetricWriter:
-    """Appends scalar metrics to `<workdir>/metrics.jsonl` and to TensorBoard event files.
+    """Appends scalar metrics to `<workdir>/metrics.jsonl`, to TensorBoard event files and,
+    optionally, to a Weights & Biases run.
 
     Every `write` adds one line and flushes it, so a killed process loses at most the line it
     was writing (an unterminated last line, which `read_metrics` and `truncate_after` drop).
@@ -83,13 +92,27 @@ class MetricWriter:
     exact values written; NaN and infinities are written as NaN, Infinity, -Infinity.
     """
 
-    def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        tensorboard: bool = True,
+        wandb: Mapping[str, str] | None = None,
+        run_config: Mapping[str, Any] | None = None,
+    ):
         """Opens (creating if needed) `workdir` and its metrics file, for appending.
 
         Args:
           workdir: the run's directory.
           tensorboard: also write TensorBoard event files (with tensorboardX). If tensorboardX
             cannot be imported, warns once and writes only the JSON lines.
+          wandb: config.wandb ({"project", "entity", "mode"}): with a project, every `write` is
+            also logged to a W&B run (`open_wandb_run`); None or project "" = off, and wandb is
+            never imported.
+          run_config: the run's config as a dict, shown by W&B.
+
+        Raises:
+          ValueError: `wandb` turns W&B on but wandb is not installed or the mode is unknown.
         """
         self.workdir = os.path.abspath(os.fspath(workdir))
         self.path = os.path.join(self.workdir, METRICS_FILENAME)
@@ -98,9 +121,12 @@ class MetricWriter:
         self._summary_writer_cls = None
         self._summary_writer = None
         self._purge_step: int | None = None
+        self._wandb_run = None
         if not self._active:
             return
         os.makedirs(self.workdir, exist_ok=True)
+        if wandb and wandb.get("project"):
+            self._wandb_run = open_wandb_run(self.workdir, wandb, run_config)
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             try:
@@ -113,6 +139,14 @@ class MetricWriter:
                 )
             else:
                 self._summary_writer_cls = SummaryWriter
+
+    @classmethod
+    def for_run(cls, workdir: str | os.PathLike, config: Mapping[str, Any]) -> MetricWriter:
+        """The writer of a run of `config` (train.run, and each member of a population): JSON
+        lines, TensorBoard, and W&B when config.wandb.project is set."""
+        settings = config.get("wandb")
+        on = bool(settings and settings.get("project"))
+        return cls(workdir, wandb=settings if on else None, run_config=config.to_dict() if on else None)
 
     def write(self, step: int, metrics: Mapping[str, ArrayLike]) -> None:
         """Writes the scalar `metrics` of step `step` (Python numbers or 0-d arrays)."""
@@ -134,6 +168,8 @@ class MetricWriter:
                 )
             for name, value in floats.items():
                 self._summary_writer.add_scalar(name, value, global_step=step)
+        if self._wandb_run is not None:
+            self._wandb_run.log(floats, step=step)
 
     def truncate_after(self, step: int) -> None:
         """Drops every line with a step greater than `step` (and an unterminated last line).
@@ -159,19 +195,82 @@ class MetricWriter:
         self._purge_step = step + 1
 
     def close(self) -> None:
-        """Flushes and closes the metrics file and the event file."""
+        """Flushes and closes the metrics file and the event file, and finishes the W&B run."""
         if self._file is not None:
             self._file.close()
             self._file = None
         if self._summary_writer is not None:
             self._summary_writer.close()
             self._summary_writer = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
 
     def __enter__(self) -> MetricWriter:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights & Biases (optional: pip install -e ".[wandb]")
+
+
+def _wandb_installed() -> bool:
+    if "wandb" in sys.modules:
+        return sys.modules["wandb"] is not None
+    return importlib.util.find_spec("wandb") is not None
+
+
+def wandb_problem(settings: Mapping[str, str] | None) -> str | None:
+    """Why `settings` (config.wandb) cannot turn W&B logging on, naming the field and the fix; None
+    when they can, or when logging is off (no settings, or project ""). bond.validation checks it
+    before a run starts, so a run does not fail at its first metrics."""
+    if not settings or not settings.get("project"):
+        return None
+    mode = settings.get("mode", "")
+    if mode not in WANDB_MODES:
+        return f"config.wandb.mode={mode!r} is not a W&B mode; choose one of {WANDB_MODES} ('' = wandb's default)."
+    if not _wandb_installed():
+        return (
+            f"config.wandb.project={settings['project']!r} turns Weights & Biases logging on, but wandb is not "
+            f"installed: install it with `{WANDB_INSTALL}`, or set config.wandb.project='' to turn it off."
+        )
+    return None
+
+
+def open_wandb_run(workdir: str, settings: Mapping[str, str], run_config: Mapping[str, Any] | None):
+    """A W&B run for the run in `workdir` (imports wandb only now): named after the folder, its
+    files under workdir/wandb, and its id kept in workdir/wandb_run_id so that a resumed run logs
+    into the same W&B run. W&B drops a step lower than one it already has, so the steps a resumed
+    run repeats (after its last checkpoint) keep their first values there, equal in a deterministic
+    run. Several can be open at once (a population's members): each is its own wandb Run.
+    """
+    problem = wandb_problem(settings)
+    if problem is not None:
+        raise ValueError(problem)
+    import wandb
+
+    id_path = os.path.join(workdir, WANDB_ID_FILENAME)
+    if os.path.exists(id_path):
+        with open(id_path, encoding="utf-8") as f:
+            run_id = f.read().strip()
+    else:
+        run_id = secrets.token_hex(8)
+        with open(id_path, "w", encoding="utf-8") as f:
+            f.write(run_id + "\n")
+    return wandb.init(
+        project=settings["project"],
+        entity=settings.get("entity") or None,
+        mode=settings.get("mode") or None,
+        name=os.path.basename(workdir),
+        id=run_id,
+        resume="allow",
+        dir=workdir,
+        config=dict(run_config) if run_config is not None else None,
+        reinit="create_new",  # wandb >= 0.19.10: runs open side by side, each logged through its object
+    )
 
 
 def _complete_lines(path: str) -> list[str]:

@@ -49,6 +49,7 @@ from bond.checkpoint import Checkpointer, abstract_like, install_sigterm_handler
 from bond.context import RunContext, Setup, build_context, eval_key
 from bond.evaluation import Evaluator
 from bond.metrics import MetricWriter, NonFiniteLossError, Progress
+from bond.plots import write_reference_front
 from bond.step import Batch, Fixed, StepShardings, Traced, make_train_step
 from bond.train import finish_run, is_checkpoint_step, is_eval_step, is_logging_step
 from bond.validation import validate
@@ -281,7 +282,7 @@ def run_population(
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
         checkpointer = Checkpointer(workdir / "checkpoints", save_every=c.checkpoint.every, keep=c.checkpoint.keep)
-        members.append(_Member(config, workdir, MetricWriter(workdir), checkpointer, None))
+        members.append(_Member(config, workdir, MetricWriter.for_run(workdir, config), checkpointer, None))
 
     start = common_resume_step([m.checkpointer for m in members])
     if start:
@@ -309,6 +310,9 @@ def run_population(
             member_setup = dataclasses.replace(setup, config=ml_collections.FrozenConfigDict(config))
             evaluators[config.seed] = Evaluator(member_setup, ref_params, eval_key(config.seed))
         return evaluators[config.seed]
+
+    for m in members:  # as train.run does
+        write_reference_front(m.workdir, evaluator(m.config).reference_points())
 
     def alive() -> list[tuple[int, _Member]]:
         return [(i, m) for i, m in enumerate(members) if m.error is None]

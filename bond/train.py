@@ -25,7 +25,7 @@ from bond.checkpoint import Checkpointer, abstract_like, install_sigterm_handler
 from bond.context import build_context, eval_key
 from bond.evaluation import Evaluator
 from bond.metrics import MetricWriter, Progress, check_finite, read_metrics
-from bond.plots import plot_run
+from bond.plots import plot_run, write_reference_front
 from bond.step import TrainState
 
 
@@ -60,7 +60,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
 
     state = context.state
     checkpointer = Checkpointer(workdir / "checkpoints", save_every=c.checkpoint.every, keep=c.checkpoint.keep)
-    writer = MetricWriter(workdir)
+    writer = MetricWriter.for_run(workdir, c)
     start = checkpointer.latest_step()
     if start is not None:
         state, _ = checkpointer.restore(start, abstract_state=abstract_like(state, context.shardings.state))
@@ -69,6 +69,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
     writer.truncate_after(start)  # lines a killed run wrote after its last checkpoint
 
     evaluator = Evaluator(context.setup, context.local_reference, eval_key(c.seed))
+    if jax.process_index() == 0:
+        write_reference_front(workdir, evaluator.reference_points())
     stop = install_sigterm_handler()
     progress = Progress(c.steps)
 

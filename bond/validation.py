@@ -14,6 +14,7 @@ import jax
 import ml_collections
 
 from bond import algorithms, sharding
+from bond.metrics import wandb_problem
 from bond.tasks import TASK_NAMES
 
 PRETRAINED_TASK = "pretrained"
@@ -86,6 +87,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         _require(config.task == "synthetic_language", f"config.reward_model.use_proxy needs task 'synthetic_language' (a task with preference data), not {config.task!r}.")
     if config.task == PRETRAINED_TASK:
         validate_pretrained(config)
+    wandb = wandb_problem(config.get("wandb"))
+    _require(wandb is None, wandb)
 
     # The algorithm's own knobs, as it declares them (bond/algorithms.py).
     algorithm = algorithms.get_algorithm(config.algorithm)

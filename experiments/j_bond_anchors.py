@@ -30,9 +30,10 @@ from typing import Any
 import matplotlib.pyplot as plt
 import ml_collections
 
+from bond.exact import FRONT_BETAS, kl_regularized_front
 from experiments import common
 from experiments.iterative_bond import curves, reference_tables
-from experiments.j_bond_vs_reinforce import FRONT_BETAS, kl_regularized_front, run_summary
+from experiments.j_bond_vs_reinforce import run_summary
 
 NAME = "j_bond_anchors"
 SEED = 0

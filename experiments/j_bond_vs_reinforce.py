@@ -29,16 +29,14 @@ import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 from jax.typing import ArrayLike
-from scipy.special import logsumexp
 
+from bond.exact import FRONT_BETAS, kl_regularized_front
 from experiments import common
 from experiments.iterative_bond import curves, reference_tables
 
 NAME = "j_bond_vs_reinforce"
 SEED = 0
 KL_COEFS = (0.001, 0.01, 0.1, 1.0)
-# β of the exact front, dense enough that linear interpolation between its points is within ~1e-3 of it.
-FRONT_BETAS = tuple(np.geomspace(1e-3, 1e2, 240).tolist())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,33 +70,6 @@ def run_configs(quick: bool) -> dict[str, ml_collections.ConfigDict]:
 
 # ---------------------------------------------------------------------------------------------
 # The exact KL-regularized front and the comparisons
-
-
-def kl_regularized_front(ref_probs: ArrayLike, rewards: ArrayLike, betas: Sequence[float]) -> dict[str, list[float]]:
-    """(mean KL(π_β‖π_ref), mean E_{π_β}[r]) over prompts for π_β ∝ π_ref·exp(r/β), sorted by KL,
-    starting with π_ref itself (β = ∞, listed as None).
-
-    π_β is the maximizer of E_π[r] − β·KL(π‖π_ref) (the KL-control solution; Korbak et al. 2022,
-    arXiv 2206.00761, and BOND §2). With one β for every prompt it maximizes the sum over prompts
-    too, so these pairs lie on the Pareto front of mean reward against mean KL.
-
-    ref_probs, rewards: [B, M] float64 over each prompt's whole response space.
-    """
-    ref_probs, rewards = np.asarray(ref_probs, np.float64), np.asarray(rewards, np.float64)
-    if ref_probs.shape != rewards.shape or ref_probs.ndim != 2:
-        raise ValueError(f"ref_probs and rewards must both be [B, M]; got {ref_probs.shape} and {rewards.shape}.")
-    positive = ref_probs > 0
-    log_ref = np.log(np.where(positive, ref_probs, 1.0))
-    # β → ∞: π_ref itself, the front's left end.
-    points = [(0.0, float(np.sum(ref_probs * rewards, axis=-1).mean()), None)]
-    for beta in betas:
-        logits = np.where(positive, log_ref + rewards / beta, -np.inf)
-        log_pi = logits - logsumexp(logits, axis=-1, keepdims=True)
-        pi = np.exp(log_pi)
-        kl = np.sum(np.where(positive, pi * (log_pi - log_ref), 0.0), axis=-1)
-        points.append((float(kl.mean()), float(np.sum(pi * rewards, axis=-1).mean()), float(beta)))
-    points.sort(key=lambda p: p[0])
-    return {"kl": [p[0] for p in points], "reward": [p[1] for p in points], "beta": [p[2] for p in points]}
 
 
 def front_gaps(front: Mapping[str, Sequence[float]], kl: ArrayLike, reward: ArrayLike) -> np.ndarray:

@@ -256,3 +256,76 @@ def test_metrics_reject_bad_input(shapes, rewards, bon_ns, match):
     logprobs, ref_logprobs = (np.full(shape, -np.log(shape[-1])) for shape in shapes)
     with pytest.raises(ValueError, match=match):
         exact.exact_metrics(logprobs, ref_logprobs, rewards, bon_ns=bon_ns)
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference's trade-offs: Best-of-N points and the KL-regularized front
+
+
+def _tilted(ref, rewards, beta):
+    """π_β ∝ π_ref·exp(r/β) on the whole support, in float64 (no grouping by reward value)."""
+    with np.errstate(divide="ignore"):  # log 0 = −inf: zero-probability responses stay at 0
+        logits = np.log(ref) + rewards / beta
+    return np.exp(logits - logsumexp(logits))
+
+
+# Two prompts with tied rewards (Best-of-N breaks ties at random) and a
+# zero-probability response in the second.
+FRONT_REF = np.array([[0.1, 0.2, 0.3, 0.15, 0.25], [0.4, 0.0, 0.3, 0.2, 0.1]])
+FRONT_REWARDS = np.array([[0.0, 1.0, 1.0, 2.0, 0.5], [1.0, 3.0, 0.0, 1.0, 2.0]])
+
+
+def test_bon_points_of_the_worked_example():
+    # π_ref = (.5, .3, .2), r = (0, 1, 2), N = 2: π_BoN = (.25, .39, .36), KL(π_BoN‖π_ref) = 0.1406.
+    got = exact.bon_points(np.array([[0.5, 0.3, 0.2]]), np.array([[0.0, 1.0, 2.0]]), ns=(1, 2))
+    assert got["n"] == [1, 2]
+    np.testing.assert_allclose(got["kl"], [0.0, 0.25 * np.log(0.5) + 0.39 * np.log(1.3) + 0.36 * np.log(1.8)], atol=1e-6)
+    np.testing.assert_allclose(got["kl"][1], 0.1406, atol=1e-4)
+    np.testing.assert_allclose(got["reward"], [0.3 + 0.4, 0.39 + 2 * 0.36], atol=1e-6)
+
+
+def test_bon_points_against_brute_force():
+    """The prompt-mean of KL(π_BoN‖π_ref) and E_BoN[r], π_BoN summed over every N-tuple of draws."""
+    got = exact.bon_points(FRONT_REF, FRONT_REWARDS, ns=(2, 3))
+    for i, n in enumerate((2, 3)):
+        bons = [_brute_force_bon(q, r, n) for q, r in zip(FRONT_REF, FRONT_REWARDS)]
+        kls = [_kl(b[q > 0], q[q > 0]) for b, q in zip(bons, FRONT_REF)]
+        np.testing.assert_allclose(got["kl"][i], np.mean(kls), rtol=1e-5)
+        np.testing.assert_allclose(got["reward"][i], np.mean([b @ r for b, r in zip(bons, FRONT_REWARDS)]), rtol=1e-5)
+
+
+def test_kl_regularized_front_against_the_closed_form():
+    betas = (4.0, 1.0, 0.25)
+    got = exact.kl_regularized_front(FRONT_REF, FRONT_REWARDS, betas)
+    # π_ref first (β = ∞), then by KL: a smaller β spends more KL for more reward.
+    assert got["beta"] == [None, 4.0, 1.0, 0.25] and got["kl"][0] == 0.0
+    np.testing.assert_allclose(got["reward"][0], np.mean(np.sum(FRONT_REF * FRONT_REWARDS, axis=-1)))
+    for i, beta in enumerate(betas, start=1):
+        pis = [_tilted(q, r, beta) for q, r in zip(FRONT_REF, FRONT_REWARDS)]
+        kls = [_kl(p[q > 0], q[q > 0]) for p, q in zip(pis, FRONT_REF)]
+        np.testing.assert_allclose(got["kl"][i], np.mean(kls), rtol=1e-9)
+        np.testing.assert_allclose(got["reward"][i], np.mean([p @ r for p, r in zip(pis, FRONT_REWARDS)]), rtol=1e-9)
+    assert np.all(np.diff(got["kl"]) > 0) and np.all(np.diff(got["reward"]) > 0)
+    # β → ∞ returns to π_ref.
+    far = exact.kl_regularized_front(FRONT_REF, FRONT_REWARDS, (1e6,))
+    np.testing.assert_allclose(far["kl"][1], 0.0, atol=1e-9)
+    np.testing.assert_allclose(far["reward"][1], far["reward"][0], atol=1e-6)
+
+
+def test_best_of_n_lies_below_the_front():
+    """π_β is KL-optimal, so at each Best-of-N point's KL the front's reward is at least BoN's."""
+    points = exact.reference_front(FRONT_REF, FRONT_REWARDS, bon_ns=(2, 4, 8))
+    front, bon = points["front"], points["bon"]
+    assert bon["n"] == [2, 4, 8] and np.all(np.diff(bon["kl"]) > 0)
+    assert front["kl"][-1] > bon["kl"][-1]  # the default β grid reaches past BoN's KLs
+    # Linear interpolation between front points lies below the concave front: a conservative check.
+    at_bon_kl = np.interp(bon["kl"], front["kl"], front["reward"])
+    assert np.all(at_bon_kl >= np.asarray(bon["reward"]))
+
+
+@pytest.mark.parametrize("fn", [exact.kl_regularized_front, exact.bon_points])
+def test_reference_front_rejects_bad_input(fn):
+    with pytest.raises(ValueError, match=r"\[B, M\]"):
+        fn(np.full(3, 1 / 3), np.zeros(3), (2,))
+    with pytest.raises(ValueError, match="positive"):
+        fn(FRONT_REF, FRONT_REWARDS, (0,))

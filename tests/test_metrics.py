@@ -1,18 +1,21 @@
-"""Metrics: the JSON-lines file and its truncation on resume, TensorBoard events, progress, NaN stops."""
+"""Metrics: the JSON-lines file and its truncation on resume, TensorBoard events, W&B, progress, NaN stops."""
 
 import glob
 import io
 import math
 import struct
 import sys
+import types
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+from bond.config_base import base_config
 from bond.metrics import (
     METRICS_FILENAME,
+    WANDB_ID_FILENAME,
     MetricWriter,
     NonFiniteLossError,
     Progress,
@@ -20,6 +23,7 @@ from bond.metrics import (
     format_duration,
     read_metrics,
 )
+from bond.validation import ConfigError, validate
 
 
 def _metrics_of_step(t):
@@ -137,6 +141,90 @@ def test_missing_tensorboardx_warns_once_and_still_writes_json(tmp_path, monkeyp
     assert len(warned) == 1
     assert [r["loss"] for r in read_metrics(tmp_path / METRICS_FILENAME)] == [1.0, 2.0]
     assert not glob.glob(str(tmp_path / "events.out.tfevents.*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights & Biases, through a stand-in `wandb` module (nothing installed, no network)
+
+
+class _FakeRun:
+    def __init__(self, **init_kwargs):
+        self.init_kwargs = init_kwargs
+        self.logged = []  # (step, {name: value}) per log call
+        self.finished = False
+
+    def log(self, data, step=None):
+        self.logged.append((step, dict(data)))
+
+    def finish(self):
+        self.finished = True
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    module = types.ModuleType("wandb")
+    module.runs = []
+
+    def init(**kwargs):
+        module.runs.append(_FakeRun(**kwargs))
+        return module.runs[-1]
+
+    module.init = init
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    return module
+
+
+def _wandb_config(**wandb):
+    c = base_config()
+    c.wandb.update(wandb)
+    return c
+
+
+def test_wandb_run_receives_the_scalars_of_metrics_jsonl_per_step(tmp_path, fake_wandb):
+    config = _wandb_config(project="bond-tests", mode="offline")
+    with MetricWriter.for_run(tmp_path / "run", config) as writer:
+        for t in (1, 2, 3):
+            writer.write(t, _metrics_of_step(t))
+        writer.write(3, {"eval/reward": 0.5})  # a second write of a step, as train.run's evaluation does
+    (run,) = fake_wandb.runs
+    rows = read_metrics(tmp_path / "run" / METRICS_FILENAME)
+    assert run.logged == [(row.pop("step"), row) for row in rows]
+    assert run.finished
+    kwargs = run.init_kwargs
+    assert (kwargs["project"], kwargs["entity"], kwargs["mode"], kwargs["name"]) == ("bond-tests", None, "offline", "run")
+    assert kwargs["config"] == config.to_dict() and kwargs["dir"] == str(tmp_path / "run")
+
+    # A resumed run (a new writer in the same folder) continues the same W&B run.
+    with MetricWriter.for_run(tmp_path / "run", config) as writer:
+        writer.write(4, {"loss": 0.25})
+    assert fake_wandb.runs[1].init_kwargs["id"] == kwargs["id"]
+    assert kwargs["resume"] == "allow" and (tmp_path / "run" / WANDB_ID_FILENAME).read_text().strip() == kwargs["id"]
+    assert fake_wandb.runs[1].logged == [(4, {"loss": 0.25})]
+
+
+def test_wandb_off_by_default_never_imports_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # any import of wandb would raise ImportError
+    config = base_config()
+    assert config.wandb.project == ""
+    validate(config)
+    with MetricWriter.for_run(tmp_path, config) as writer:
+        writer.write(1, {"loss": 1.0})
+    assert read_metrics(tmp_path / METRICS_FILENAME) == [{"step": 1, "loss": 1.0}]
+    assert not (tmp_path / WANDB_ID_FILENAME).exists()
+
+
+def test_wandb_on_without_wandb_installed_names_the_field_and_the_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    config = _wandb_config(project="bond-tests")
+    with pytest.raises(ConfigError, match=r"config\.wandb\.project='bond-tests'.*pip install -e \"\.\[wandb\]\""):
+        validate(config)
+    with pytest.raises(ValueError, match=r"pip install -e \"\.\[wandb\]\""):
+        MetricWriter.for_run(tmp_path, config)
+
+
+def test_wandb_mode_must_be_one_wandb_knows(fake_wandb):
+    with pytest.raises(ConfigError, match=r"config\.wandb\.mode='ofline'.*'offline'"):
+        validate(_wandb_config(project="bond-tests", mode="ofline"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from bond.checkpoint import Checkpointer
 from bond.config_base import load_config
 from bond.context import build_context
 from bond.metrics import read_metrics
+from bond.plots import read_reference_front
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = lambda _: None
@@ -90,8 +91,12 @@ def test_population_member_equals_its_separate_run(population_run, cache_dir, tm
     assert sorted(member_summary["after"]) == sorted(separate["after"])
     for key, value in separate["after"].items():
         assert member_summary["after"][key] == pytest.approx(value, abs=1e-5), key
-    # The same files: config, checkpoint steps.
+    # The same files: config, the reference's exact trade-offs, checkpoint steps.
     assert json.loads((workdirs["b"] / "config.json").read_text()) == json.loads((tmp_path / "config.json").read_text())
+    member_front, separate_front = (read_reference_front(d) for d in (workdirs["b"], tmp_path))
+    assert member_front["bon"]["n"] == separate_front["bon"]["n"] == [2, 4, 8, 16]
+    for part, key in [("bon", "kl"), ("bon", "reward"), ("front", "kl"), ("front", "reward")]:
+        np.testing.assert_allclose(member_front[part][key], separate_front[part][key], rtol=1e-5, atol=1e-7)
     steps = lambda d: sorted(int(p.name) for p in (d / "checkpoints").iterdir() if p.name.isdigit())
     assert steps(workdirs["b"]) == steps(tmp_path) == [5, 10]
 
