@@ -15,9 +15,11 @@ from bond.sweep.spec import plan_sweep
 def main(argv: Sequence[str]) -> None:
     from absl import flags
 
+    from bond.main import quiet_library_logging
     from bond.validation import ConfigError
 
     del argv
+    quiet_library_logging()  # as bond.main does: population mode runs in this process
     spec = flags.FLAGS.config
     spec = ml_collections.ConfigDict(spec.to_dict())  # unlocked copy
     spec.overrides = tuple(spec.overrides) + tuple(flags.FLAGS.set)
