@@ -361,9 +361,9 @@ def run_population(
                 drop_nonfinite()
                 for i, m in alive():
                     m.writer.write(step, {k: float(v[i]) for k, v in host.items()})
-                progress.update(step)
             if is_eval_step(step, c):
                 evaluate(step)
+            if is_logging_step(step, c) or is_eval_step(step, c):
                 progress.update(step)
             if is_checkpoint_step(step, c):
                 drop_nonfinite()

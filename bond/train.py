@@ -92,13 +92,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
                 return {"stopped_at": step}
             state, metrics = context.step(state, context.batch(step), context.fixed, context.traced)
             step += 1
+            report = {}  # one progress line per step that logs or evaluates
             if is_logging_step(step, c):
                 host = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
                 _stop_if_nonfinite(state, last_saved)
                 writer.write(step, host)
-                progress.update(step, host)
+                report.update(host)
             if is_eval_step(step, c):
-                progress.update(step, evaluate(step))
+                report.update(evaluate(step))
+            if report:
+                progress.update(step, report)
             if is_checkpoint_step(step, c):
                 _stop_if_nonfinite(state, last_saved)
                 checkpointer.save(step, state, force=True)
