@@ -129,8 +129,11 @@ def number_in(low: float, high: float = math.inf, *, low_open: bool = False, int
             return f"must be {kind}"
         above = value > low if low_open else value >= low
         if not (above and value <= high):
+            what = "an integer " if integer else ""
             low_text = f"> {low:g}" if low_open else f">= {low:g}"
-            return f"must be {low_text}" if high == math.inf else f"must be in {'(' if low_open else '['}{low:g}, {high:g}]"
+            if high == math.inf:
+                return f"must be {what}{low_text}"
+            return f"must be {what}in {'(' if low_open else '['}{low:g}, {high:g}]"
         return None
 
     return check

@@ -20,7 +20,7 @@ import numpy as np
 
 import distributed_worker as worker
 from bond import train
-from bond.config_base import load_config
+from bond.config_base import load_config, set_field
 from bond.metrics import read_metrics
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -140,11 +140,7 @@ def test_runner_on_two_processes_matches_one_process(tmp_path):
 
     config = load_config(f"{RUNNER_CONFIG}:quick")
     for key, value in {**RUNNER_OVERRIDES, "steps": RUNNER_STEPS, "cache_dir": str(cache_dir), "num_devices": 4}.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        set_field(config, key, value)
     train.run(config, tmp_path / "one", log=lambda _: None)
 
     two, one = read_metrics(workdir / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")

@@ -15,7 +15,7 @@ import pytest
 
 from bond import population, train
 from bond.checkpoint import Checkpointer
-from bond.config_base import load_config
+from bond.config_base import load_config, set_field
 from bond.context import build_context
 from bond.metrics import read_metrics
 from bond.plots import read_reference_front
@@ -34,11 +34,7 @@ def tiny(cache_dir: str, **fields) -> "ml_collections.ConfigDict":  # noqa: F821
     c.eval.update(every=5, num_prompts=2)
     c.checkpoint.every = 5
     for path, value in fields.items():
-        *parents, leaf = path.split(".")
-        node = c
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        set_field(c, path, value)
     return c
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bond import train
-from bond.config_base import load_config
+from bond.config_base import load_config, set_field
 from bond.context import make_setup
 from bond.step import init_state
 from bond.metrics import read_metrics
@@ -192,11 +192,7 @@ def test_vocabulary_and_chat_template_mismatches(folders):
 def _tiny(name: str, **changes):
     config = load_config(str(ROOT / "configs/pretrained" / name) + ":tiny")
     for key, value in changes.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        set_field(config, key, value)
     return config
 
 

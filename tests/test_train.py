@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from bond import algorithms, train
-from bond.config_base import load_config
+from bond.config_base import load_config, set_field
 from bond.context import build_context
 from bond.step import make_train_step
 from bond.metrics import NonFiniteLossError, read_metrics
@@ -46,11 +46,7 @@ def tiny(name: str, cache_dir: str, **overrides):
     c.checkpoint.every = 10
     c.num_devices = 1
     for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        set_field(c, key, value)
     return c
 
 
@@ -151,32 +147,43 @@ def test_sharded_run_equals_single_device_run(cache_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "field, value, message",
+    "algorithm, field, value, message",
     [
-        ("algorithm", "ppo", "config.algorithm='ppo' is not registered"),
-        ("algo.n", 1.0, "config.algo.n=1.0 must be >= 2"),
-        ("algo.beta", 1.5, "config.algo.beta=1.5 must be in [0, 1]"),
-        ("anchor.eta", 0.0, "config.anchor.eta=0.0 must be in (0, 1]"),
-        ("algo.gamma", -1.0, "config.algo.gamma=-1.0 must be >= 0"),
-        ("algo.num_ref_samples", 0, "config.algo.num_ref_samples=0 must be an integer >= 1"),
-        ("mesh_shape", (3, 1, 1), "config.mesh_shape"),
-        ("batch_size", 12, "config.batch_size=12 must be divisible by the data axes"),
-        ("num_devices", 64, "config.num_devices=64"),
-        ("min_new_tokens", -1, "config.min_new_tokens=-1 must be an integer >= 0"),
+        ("bond", "algorithm", "ppo", "config.algorithm='ppo' is not registered"),
+        ("bond", "algo.n", 1.0, "config.algo.n=1.0 must be an integer >= 2"),
+        ("bond", "algo.n", 4.5, "config.algo.n=4.5 must be an integer"),
+        ("bond", "algo.beta", 1.5, "config.algo.beta=1.5 must be in [0, 1]"),
+        ("bond", "anchor.eta", 0.0, "config.anchor.eta=0.0 must be in (0, 1]"),
+        ("j_bond", "algo.gamma", -1.0, "config.algo.gamma=-1.0 must be >= 0"),
+        ("bond", "algo.num_ref_samples", 0, "config.algo.num_ref_samples=0 must be an integer >= 1"),
+        ("wind", "algo.wind_variant", "cube", "config.algo.wind_variant='cube' must be one of"),
+        ("wind", "algo.num_samples", 1, "config.algo.num_samples=1 must be at least 2 for pairwise losses"),
+        ("dpo", "algo.pref_beta", 0.0, "config.algo.pref_beta=0.0 must be > 0"),
+        ("bond", "mesh_shape", (3, 1, 1), "config.mesh_shape"),
+        ("bond", "batch_size", 12, "config.batch_size=12 must be divisible by the data axes"),
+        ("bond", "num_devices", 64, "config.num_devices=64"),
+        ("bond", "min_new_tokens", -1, "config.min_new_tokens=-1 must be an integer >= 0"),
     ],
 )
-def test_validation_names_the_field(field, value, message, cache_dir):
-    c = tiny("bond", cache_dir)
+def test_validation_names_the_field(algorithm, field, value, message, cache_dir):
+    """Each bad value is named; the algo.* ones by the knob declarations of the algorithm that reads them."""
+    c = tiny(algorithm, cache_dir)
     if field == "batch_size":
         c.num_devices, c.mesh_shape = 8, (8, 1, 1)
-    c_node, *_ = [c]
-    *parents, leaf = field.split(".")
-    for part in parents:
-        c_node = c_node[part]
-    c_node[leaf] = value
+    set_field(c, field, value)
     with pytest.raises(ConfigError) as error:
         validate(c)
     assert message in str(error.value)
+
+
+def test_validation_checks_only_the_knobs_the_algorithm_reads(cache_dir):
+    """A knob the algorithm never reads is not its to check: J-BOND ignores algo.n (N of BOND)."""
+    c = tiny("j_bond", cache_dir)
+    c.algo.n = 1.0
+    validate(c)
+    c.algorithm = "bond"
+    with pytest.raises(ConfigError, match=r"config\.algo\.n=1\.0"):
+        validate(c)
 
 
 def test_cli_config_error_is_one_line_and_exit_2(cache_dir, tmp_path):
