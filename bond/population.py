@@ -46,7 +46,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bond import sharding, stages, train
-from bond.checkpoint import Checkpointer, abstract_like, install_sigterm_handler
+from bond.checkpoint import Checkpointer, abstract_like, common_steps, install_sigterm_handler, restore_newest_common
 from bond.metrics import MetricWriter, NonFiniteLossError, Progress
 from bond.tasks.prompts import load_prompts, read_prompt_batch
 from bond.validation import validate
@@ -245,8 +245,7 @@ def program_key(setup: train.Setup) -> tuple:
 
 def common_resume_step(checkpointers: Sequence[Checkpointer]) -> int:
     """The newest step at which every checkpointer has a complete checkpoint (0 if there is none)."""
-    common = set.intersection(*(set(c.all_steps()) | {0} for c in checkpointers))
-    return max(common)
+    return max(common_steps(checkpointers), default=0)
 
 
 @dataclasses.dataclass
@@ -301,14 +300,12 @@ def run_population(
     for config, workdir in zip(configs, workdirs):
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
-        checkpointer = Checkpointer(workdir / "checkpoints", save_every=c.checkpoint.every, keep=c.checkpoint.keep)
+        checkpointer = Checkpointer(workdir / "checkpoints", keep=c.checkpoint.keep)
         members.append(_Member(config, workdir, MetricWriter(workdir), checkpointer, None))
 
-    start = common_resume_step([m.checkpointer for m in members])
     single = train.init_state(setup, ref_params)
+    start, restored, _ = restore_newest_common([m.checkpointer for m in members], abstract_like(single), log) or (0, None, None)
     if start:
-        abstract = abstract_like(single)
-        restored = [m.checkpointer.restore(start, abstract_state=abstract)[0] for m in members]
         state = stack_trees(pad_members(restored, size))
         log(f"Resumed {len(members)} members from their checkpoints at step {start}")
     else:
@@ -361,7 +358,7 @@ def run_population(
 
     def save(step: int) -> None:
         for i, m in alive():
-            m.checkpointer.save(step, member(state, i), {"data_position": step * c.batch_size}, force=True)
+            m.checkpointer.save(step, member(state, i))
             m.last_saved = step
 
     stop = install_sigterm_handler()

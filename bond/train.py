@@ -545,13 +545,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
     shardings = state_shardings(setup, state)
     state = sharding.place(state, shardings)
     ref_params = sharding.place(ref_params, shardings.params)
-    checkpointer = Checkpointer(workdir / "checkpoints", save_every=c.checkpoint.every, keep=c.checkpoint.keep)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=c.checkpoint.keep)
     writer = MetricWriter(workdir)
-    start = checkpointer.latest_step()
-    if start is not None:
-        state, _ = checkpointer.restore(start, abstract_state=abstract_like(state, shardings))
+    start, state, _ = checkpointer.restore_latest(abstract_like(state, shardings), log) or (0, state, None)
+    if start:
         log(f"Resumed from the checkpoint at step {start} in {workdir / 'checkpoints'}")
-    start = int(start or 0)
     writer.truncate_after(start)  # lines a killed run wrote after its last checkpoint
 
     replicated = sharding.replicated(setup.mesh)
@@ -582,7 +580,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
     try:
         while step < c.steps:
             if stop.stop_requested():
-                checkpointer.save(step, state, {"data_position": step * c.batch_size}, force=True)
+                checkpointer.save(step, state)
                 checkpointer.wait_until_finished()
                 log(f"Stopped by SIGTERM after step {step}; saved a checkpoint.")
                 return {"stopped_at": step}
@@ -604,7 +602,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
                 progress.update(step, evaluate(step))
             if step % c.checkpoint.every == 0 or step == c.steps:
                 _stop_if_nonfinite(state, last_saved)
-                checkpointer.save(step, state, {"data_position": step * c.batch_size}, force=True)
+                checkpointer.save(step, state)
                 last_saved = step
     finally:
         checkpointer.wait_until_finished()
