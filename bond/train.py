@@ -605,10 +605,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
                 checkpointer.save(step, state)
                 last_saved = step
     finally:
-        checkpointer.wait_until_finished()
-        checkpointer.close()
         writer.close()
         stop.close()
+        checkpointer.close()  # waits for the last save; raises CheckpointSaveError if a save failed
 
     sharding.sync_processes("bond.train:finished")  # metrics.jsonl is complete for every process
     return finish_run(workdir, c)
