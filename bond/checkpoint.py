@@ -145,13 +145,13 @@ class UnreadableCheckpoint(CheckpointError, ValueError):
     DAMAGED, ANOTHER_CONFIG, UNKNOWN = "damaged", "another config", "damaged or another config"
 
     def __init__(self, step: int, directory: str, cause: str, detail: str):
-        self.step, self.directory, self.cause = step, directory, cause
-        what = {
+        self.step, self.directory, self.cause, self.detail = step, directory, cause, detail
+        self.what = {
             self.DAMAGED: "is damaged",
             self.ANOTHER_CONFIG: "was saved with another config",
             self.UNKNOWN: "does not fit this run's state or is damaged (it predates the array list that tells which)",
         }[cause]
-        super().__init__(f"The checkpoint at step {step} in {directory} {what}: {detail}")
+        super().__init__(f"The checkpoint at step {step} in {directory} {self.what}: {detail}")
 
 
 class NoReadableCheckpoint(CheckpointError):
@@ -161,7 +161,7 @@ class NoReadableCheckpoint(CheckpointError):
         self.problems = list(problems)
         folders = sorted({p.directory for p in problems})
         damaged = [os.path.join(p.directory, str(p.step)) for p in problems]
-        reasons = "; ".join(f"step {p.step}: {_detail(p)}" for p in problems)
+        reasons = "; ".join(f"step {p.step} {p.what}: {p.detail.rstrip('.')}" for p in problems)
         choices = f"start fresh with another --workdir, or delete the unreadable steps (rm -r {' '.join(damaged)}) to restart in this one"
         if any(p.cause == UnreadableCheckpoint.ANOTHER_CONFIG for p in problems):
             choices = "rerun with the config they were saved with, " + choices
@@ -170,10 +170,6 @@ class NoReadableCheckpoint(CheckpointError):
 
 class CheckpointSaveError(CheckpointError):
     """Writing a checkpoint failed (a full disk, a lost mount, ...); the older checkpoints are intact."""
-
-
-def _detail(problem: UnreadableCheckpoint) -> str:
-    return str(problem).split(": ", 1)[1] if ": " in str(problem) else str(problem)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,11 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: import bond from this checkout, not from wherever it is installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp

@@ -214,13 +214,12 @@ def test_fault_one_of_two_processes_killed_the_other_stops_and_a_rerun_resumes(t
                 "--init", str(tmp_path / "init.npz"), "--out", str(tmp_path / f"process{i}.npz"),
                 "--checkpoint_dir", str(checkpoints), *extra]
 
-    this_checkout = {"PYTHONPATH": str(ROOT)}  # the worker script imports bond from this checkout
     logs = [tmp_path / f"killed{i}.log" for i in range(2)]
     heartbeat = ["--heartbeat_timeout_s", str(HEARTBEAT_TIMEOUT_S)]
     with open(logs[0], "w") as log0, open(logs[1], "w") as log1:
-        survivor = subprocess.Popen(command(0, *heartbeat), env={**_worker_env(), **this_checkout}, stdout=log0,
+        survivor = subprocess.Popen(command(0, *heartbeat), env=_worker_env(), stdout=log0,
                                     stderr=subprocess.STDOUT)
-        victim = subprocess.Popen(command(1, *heartbeat, "--die_after_step", "1"), env={**_worker_env(), **this_checkout},
+        victim = subprocess.Popen(command(1, *heartbeat, "--die_after_step", "1"), env=_worker_env(),
                                   stdout=log1, stderr=subprocess.STDOUT)
     try:
         assert victim.wait(timeout=240) == -signal.SIGKILL, logs[1].read_text()[-3000:]
@@ -238,7 +237,7 @@ def test_fault_one_of_two_processes_killed_the_other_stops_and_a_rerun_resumes(t
     assert Checkpointer(checkpoints, keep=2).all_steps() == [1]
 
     port = _free_port()
-    _run_processes([command(i) for i in range(2)], [tmp_path / f"rerun{i}.log" for i in range(2)], env=this_checkout)
+    _run_processes([command(i) for i in range(2)], [tmp_path / f"rerun{i}.log" for i in range(2)])
     ref_params, ref_losses, ref_logprobs = worker.train_one_device(host_params)
     for i in range(2):
         got = np.load(tmp_path / f"process{i}.npz")
