@@ -289,3 +289,20 @@ def test_sigterm_handler_sets_the_flag_and_close_restores_the_previous_handler()
         assert stop.stop_requested()
         assert calls == ["stop"]
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_checkpoints_written_before_the_array_list_still_restore(tmp_path):
+    """A checkpoint as this module wrote it before (state + meta with a data_position, no 'arrays'
+    item) restores, unverified; a misfit cannot be told from damage, and the message says so."""
+    import orbax.checkpoint as ocp
+
+    state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(5)}
+    with ocp.CheckpointManager(tmp_path, options=ocp.CheckpointManagerOptions(create=True)) as manager:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"data_position": 80}))
+        manager.save(5, args=args, force=True)
+    with Checkpointer(tmp_path, keep=2) as checkpointer:
+        step, restored, meta = checkpointer.restore_latest(jax.eval_shape(lambda: state))
+        with pytest.raises(ValueError, match="does not fit this run.s state or is damaged"):
+            checkpointer.restore(abstract_state={"v": jax.ShapeDtypeStruct((2, 3), jnp.float32)})
+    assert step == 5 and meta == {"data_position": 80}
+    _assert_trees_equal(restored, state)
