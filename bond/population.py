@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bond import sharding
-from bond.checkpoint import Checkpointer, abstract_like, install_sigterm_handler
+from bond.checkpoint import Checkpointer, abstract_like, common_steps, install_sigterm_handler, restore_newest_common
 from bond.context import RunContext, Setup, build_context, eval_key
 from bond.evaluation import Evaluator
 from bond.metrics import MetricWriter, NonFiniteLossError, Progress
@@ -225,8 +225,7 @@ def program_key(setup: Setup) -> tuple:
 
 def common_resume_step(checkpointers: Sequence[Checkpointer]) -> int:
     """The newest step at which every checkpointer has a complete checkpoint (0 if there is none)."""
-    common = set.intersection(*(set(c.all_steps()) | {0} for c in checkpointers))
-    return max(common)
+    return max(common_steps(checkpointers), default=0)
 
 
 @dataclasses.dataclass
@@ -281,13 +280,12 @@ def run_population(
     for config, workdir in zip(configs, workdirs):
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
-        checkpointer = Checkpointer(workdir / "checkpoints", save_every=c.checkpoint.every, keep=c.checkpoint.keep)
+        checkpointer = Checkpointer(workdir / "checkpoints", keep=c.checkpoint.keep)
         members.append(_Member(config, workdir, MetricWriter.for_run(workdir, config), checkpointer, None))
 
-    start = common_resume_step([m.checkpointer for m in members])
+    abstract = abstract_like(context.state, context.shardings.state)
+    start, restored, _ = restore_newest_common([m.checkpointer for m in members], abstract, log) or (0, None, None)
     if start:
-        abstract = abstract_like(context.state, context.shardings.state)
-        restored = [m.checkpointer.restore(start, abstract_state=abstract)[0] for m in members]
         state = stack_trees(pad_members(restored, size))
         log(f"Resumed {len(members)} members from their checkpoints at step {start}")
     else:
@@ -339,7 +337,7 @@ def run_population(
 
     def save(step: int) -> None:
         for i, m in alive():
-            m.checkpointer.save(step, member(state, i), force=True)
+            m.checkpointer.save(step, member(state, i))
             m.last_saved = step
 
     stop = install_sigterm_handler()

@@ -59,13 +59,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
         (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str))
 
     state = context.state
-    checkpointer = Checkpointer(workdir / "checkpoints", save_every=c.checkpoint.every, keep=c.checkpoint.keep)
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=c.checkpoint.keep)
     writer = MetricWriter.for_run(workdir, c)
-    start = checkpointer.latest_step()
-    if start is not None:
-        state, _ = checkpointer.restore(start, abstract_state=abstract_like(state, context.shardings.state))
+    start, state, _ = checkpointer.restore_latest(abstract_like(state, context.shardings.state), log) or (0, state, None)
+    if start:
         log(f"Resumed from the checkpoint at step {start} in {workdir / 'checkpoints'}")
-    start = int(start or 0)
     writer.truncate_after(start)  # lines a killed run wrote after its last checkpoint
 
     evaluator = Evaluator(context.setup, context.local_reference, eval_key(c.seed))
@@ -86,7 +84,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
     try:
         while step < c.steps:
             if stop.stop_requested():
-                checkpointer.save(step, state, force=True)
+                checkpointer.save(step, state)
                 checkpointer.wait_until_finished()
                 log(f"Stopped by SIGTERM after step {step}; saved a checkpoint.")
                 return {"stopped_at": step}
@@ -104,13 +102,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
                 progress.update(step, report)
             if is_checkpoint_step(step, c):
                 _stop_if_nonfinite(state, last_saved)
-                checkpointer.save(step, state, force=True)
+                checkpointer.save(step, state)
                 last_saved = step
     finally:
-        checkpointer.wait_until_finished()
-        checkpointer.close()
         writer.close()
         stop.close()
+        checkpointer.close()  # waits for the last save; raises CheckpointSaveError if a save failed
 
     sharding.sync_processes("bond.train:finished")  # metrics.jsonl is complete for every process
     return finish_run(workdir, c)

@@ -76,7 +76,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     _integer(config, "eval.num_prompts", 1)
     _integer(config, "eval.num_samples", 1)
     _integer(config, "checkpoint.every", 1)
-    _integer(config, "checkpoint.keep", 1)
+    keep = _number(config, "checkpoint.keep")
+    _require(
+        keep == int(keep) and keep >= 2,
+        f"config.checkpoint.keep={keep:g} must be an integer >= 2: when the newest checkpoint is damaged, "
+        "the run resumes from the one before it.",
+    )
     for name in ("num_layers", "d_model", "num_heads", "d_ff"):
         _integer(config, f"model.{name}", 1)
     _require(

@@ -1,10 +1,15 @@
 """One process of the multi-process training test (tests/test_distributed.py launches two).
 
 Run as a script, it joins the other processes through `jax.distributed` (gloo collectives on
-CPU), builds one mesh over the devices of all processes, loads the initial parameters (written
-by the test, as a checkpoint would be) and only its own rows of the batch, trains a tiny model
-for a few Adam steps and writes the gathered results to an .npz file. Imported, it provides the
-same problem and `train_one_device` for the single-process reference.
+CPU; `bond.main.join_cluster`), builds one mesh over the devices of all processes, loads the
+initial parameters (written by the test, as a checkpoint would be) and only its own rows of the
+batch, trains a tiny model for a few Adam steps and writes the gathered results to an .npz file.
+Imported, it provides the same problem and `train_one_device` for the single-process reference.
+
+With --checkpoint_dir it resumes from the newest checkpoint there and saves one after every step
+(all processes together, as `train.run` does); with --die_after_step K it kills itself (SIGKILL)
+once the checkpoint of step K is complete, so that tests/test_faults.py can check that the other
+process stops and that a rerun resumes.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python tests/distributed_worker.py \\
         --process_id 0 --num_processes 2 --port 12345 --init /tmp/init.npz --out /tmp/process0.npz
@@ -13,6 +18,13 @@ same problem and `train_one_device` for the single-process reference.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: import bond from this checkout, not from wherever it is installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +33,7 @@ import optax
 from jax.sharding import PartitionSpec
 
 from bond import models, sharding
+from bond.checkpoint import Checkpointer, abstract_like
 
 CONFIG = models.TransformerConfig(vocab_size=16, num_layers=1, d_model=16, num_heads=4, d_ff=32, max_len=12)
 GLOBAL_BATCH, PROMPT_LEN, LENGTH = 8, 3, 8
@@ -59,12 +72,16 @@ def train_step(params, opt_state, batch):
     return optax.apply_updates(params, updates), opt_state, loss, rows
 
 
-def train(step, params, opt_state, batch) -> tuple[object, np.ndarray, jax.Array]:
-    """STEPS steps: the final params, the losses, the per-row log-probabilities of the last step."""
+def train(step, params, opt_state, batch, first=1, after_step=None) -> tuple[object, np.ndarray, jax.Array]:
+    """Steps first..STEPS: the final params, their losses, the per-row log-probabilities of the last step.
+
+    after_step(t, params, opt_state), if given, runs after step t (before the next step donates them)."""
     losses = []
-    for _ in range(STEPS):
+    for t in range(first, STEPS + 1):
         params, opt_state, loss, rows = step(params, opt_state, batch)
         losses.append(loss)
+        if after_step is not None:
+            after_step(t, params, opt_state)
     return params, np.asarray(losses), rows
 
 
@@ -75,8 +92,11 @@ def train_one_device(host_params):
     return jax.device_get(params), losses, np.asarray(rows)
 
 
-def train_distributed(host_params) -> tuple[object, np.ndarray, np.ndarray]:
-    """The same training on a mesh over all processes; results gathered to every process."""
+def train_distributed(host_params, checkpoint_dir=None, die_after_step=None) -> tuple[object, np.ndarray, np.ndarray, int]:
+    """The same training on a mesh over all processes; results gathered to every process, and the first step run.
+
+    With `checkpoint_dir`: resumes from its newest readable checkpoint and saves every step; with
+    `die_after_step` too, SIGKILLs this process once that step's checkpoint is complete."""
     from jax.experimental import multihost_utils
 
     mesh = sharding.make_mesh(MESH_SHAPE)
@@ -98,9 +118,26 @@ def train_distributed(host_params) -> tuple[object, np.ndarray, np.ndarray]:
         donate_argnums=(0, 1),
         compiler_options=FAST_COMPILE,
     )
-    params, losses, logprobs = train(step, params, opt_state, batch)
+    first, after_step = 1, None
+    if checkpoint_dir is not None:
+        checkpointer = Checkpointer(checkpoint_dir, keep=2)
+        target = abstract_like({"params": params, "opt_state": opt_state}, {"params": param_sh, "opt_state": opt_sh})
+        resumed = checkpointer.restore_latest(target)
+        if resumed is not None:
+            done, state, _ = resumed
+            first, params, opt_state = done + 1, state["params"], state["opt_state"]
+
+        def after_step(t, params, opt_state):
+            checkpointer.save(t, {"params": params, "opt_state": opt_state})
+            if t == die_after_step:
+                checkpointer.wait_until_finished()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    params, losses, logprobs = train(step, params, opt_state, batch, first, after_step)
+    if checkpoint_dir is not None:
+        checkpointer.close()
     gathered_params, gathered_logprobs = multihost_utils.process_allgather((params, logprobs), tiled=True)
-    return gathered_params, losses, np.asarray(gathered_logprobs)
+    return gathered_params, losses, np.asarray(gathered_logprobs), first
 
 
 def random_params(seed: int = 0):
@@ -129,20 +166,25 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--init", required=True, help="initial parameters (save_params)")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--checkpoint_dir", help="resume from and save into this folder")
+    parser.add_argument("--die_after_step", type=int, help="SIGKILL this process after that step's checkpoint")
+    parser.add_argument("--heartbeat_timeout_s", type=int, default=100)
     args = parser.parse_args()
 
+    from bond.main import exit_if_a_process_died, join_cluster
+
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        f"127.0.0.1:{args.port}",
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-        initialization_timeout=120,
-    )
-    params, losses, logprobs = train_distributed(load_params(args.init))
+    join_cluster(f"127.0.0.1:{args.port}", args.num_processes, args.process_id, args.heartbeat_timeout_s)
+    try:
+        params, losses, logprobs, first = train_distributed(load_params(args.init), args.checkpoint_dir, args.die_after_step)
+    except Exception as e:  # as bond.main does
+        exit_if_a_process_died(e)
+        raise
     np.savez(
         args.out,
         num_devices=jax.device_count(),
         num_local_devices=jax.local_device_count(),
+        first_step=first,
         losses=losses,
         logprobs=logprobs,
         **{f"param_{i}": np.asarray(leaf) for i, leaf in enumerate(jax.tree.leaves(params))},

@@ -121,8 +121,8 @@ def test_population_resumes_from_the_common_checkpoint(population_run, cache_dir
     shutil.rmtree(killed[1] / "checkpoints" / "10")
     with open(killed[1] / "metrics.jsonl", "a") as f:
         f.write('{"step": 11, "train/lo')  # a line cut by the kill
-    with Checkpointer(killed[0] / "checkpoints", save_every=5, keep=3) as a, \
-            Checkpointer(killed[1] / "checkpoints", save_every=5, keep=3) as b:
+    with Checkpointer(killed[0] / "checkpoints", keep=3) as a, \
+            Checkpointer(killed[1] / "checkpoints", keep=3) as b:
         assert a.all_steps() == [5, 10] and b.all_steps() == [5]
         assert population.common_resume_step([a, b]) == 5
     configs = [tiny(cache_dir, num_devices=2, mesh_shape=(2, 1, 1), **MEMBERS[name]) for name in names]
