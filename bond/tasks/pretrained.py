@@ -87,8 +87,7 @@ def make_task(p: ml_collections.ConfigDict, tokenizer: Tokenizer, vocab_size: in
     """The `Task` of a pretrained run: checkpoint vocabulary and EOS, lengths from the config, eval prompts.
 
     Its prompts('eval', num, seed) are the first `num` eval prompts (the seed does not pick
-    among them, so every run of a config is evaluated on the same prompts); the functions of
-    the built-in tasks' hidden processes (corpus, programmatic reward) do not exist here.
+    among them, so every run of a config is evaluated on the same prompts).
     """
 
     def prompts(split: str, num: int, seed: int) -> Prompts:
@@ -98,21 +97,12 @@ def make_task(p: ml_collections.ConfigDict, tokenizer: Tokenizer, vocab_size: in
             raise ValueError("a pretrained task's train prompts are a stream: read them by row with bond.tasks.prompts.read_prompt_rows.")
         return eval_prompts.batch(num)
 
-    def unavailable(what: str):
-        def fn(*args, **kwargs):
-            raise NotImplementedError(f"a pretrained checkpoint's task has no {what}; it starts from the checkpoint.")
-
-        return fn
-
     return Task(
         name=TASK_NAME,
         vocab_size=vocab_size,
         prompt_length=p.max_prompt_length,
         max_response_length=p.max_new_tokens,
         prompts=prompts,
-        pretraining_corpus=unavailable("pretraining corpus"),
-        reward=unavailable("programmatic reward (rewards come from config.pretrained.reward_path)"),
-        generative_logprob=unavailable("generative process"),
         eos_id=tokenizer.eos_id,
     )
 

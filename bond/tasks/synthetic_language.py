@@ -58,7 +58,7 @@ from bond.tasks import (
     PromptConditionedChain,
     Prompts,
     Sequences,
-    Task,
+    SyntheticTask,
     chain_logprob,
     check_count,
     check_split,
@@ -253,7 +253,7 @@ def preference_corpus(num: int, seed: int, temperature: float = 1.0) -> Preferen
     return PreferenceCorpus(chosen, rejected)
 
 
-TASK = Task(
+TASK = SyntheticTask(
     name="synthetic_language",
     vocab_size=VOCAB_SIZE,
     prompt_length=PROMPT_LENGTH,

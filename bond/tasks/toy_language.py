@@ -49,7 +49,7 @@ from bond.tasks import (
     PromptConditionedChain,
     Prompts,
     Sequences,
-    Task,
+    SyntheticTask,
     check_count,
     check_split,
     chain_logprob,
@@ -155,7 +155,7 @@ def generative_logprob(tokens: ArrayLike, response_mask: ArrayLike) -> jax.Array
     return chain_logprob(chain(), parts)
 
 
-TASK = Task(
+TASK = SyntheticTask(
     name="toy_language",
     vocab_size=VOCAB_SIZE,
     prompt_length=PROMPT_LENGTH,
