@@ -43,7 +43,7 @@ from bond.step import (
     TrainState, anchor_update, fixed_logprobs, loss_and_grad, make_optimizer, optimizer_update, pair_judge_of,
     sample_responses, score,
 )
-from bond.tasks import Prompts, Task
+from bond.tasks import Prompts, Task, programmatic_reward
 
 from common import (
     DEFAULT_WORKLOAD,
@@ -121,11 +121,7 @@ def workload_setup(workload: dict, prompts: np.ndarray, algorithm: str) -> Setup
     task = workload_task(workload, prompts)
     algo = algorithms.get_algorithm(algorithm)
     tokens = np.asarray(prompts, np.int32)
-    reward = even_token_reward(task.prompt_length)
-
-    def reward_fn(judge_params, tokens, attention_mask, response_mask):
-        return reward(tokens, response_mask)
-
+    reward_fn = programmatic_reward(even_token_reward(task.prompt_length))
     return Setup(
         config=ml_collections.FrozenConfigDict(config),
         task=task,

@@ -10,7 +10,8 @@ length, EOS id) and its prompts,
 reward:
 
     pretraining_corpus(num, seed)   -> Sequences   prompt + "natural" response, for the reference
-    reward(tokens, response_mask)   -> [...]       float32, jittable, deterministic
+    reward(params, responses)       -> [N]         a RewardFn (bond/models/reward.py): float32,
+                                                   jittable, deterministic; it reads no params
     generative_logprob(tokens, response_mask) -> [...]   exact log p_gen(y | x) of the hidden
                                                    process that wrote the corpus
 
@@ -40,12 +41,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
+
+if TYPE_CHECKING:
+    from bond.models.reward import RewardFn
 
 EOS_ID = 0
 SPLITS = ("train", "eval")
@@ -96,8 +100,20 @@ class SyntheticTask(Task):
     programmatic reward (see the module docstring)."""
 
     pretraining_corpus: Callable[[int, int], Sequences]
-    reward: Callable[[ArrayLike, ArrayLike], jax.Array]
+    reward: RewardFn
     generative_logprob: Callable[[ArrayLike, ArrayLike], jax.Array]
+
+
+def programmatic_reward(reward: Callable[[ArrayLike, ArrayLike], jax.Array]) -> RewardFn:
+    """The RewardFn of a reward computed from the tokens and the response mask alone, `reward(tokens,
+    response_mask)` [..., T] → [...]: it reads no params and no attention mask (a prompt's padding
+    is 0 in its tokens). Like `reward`, it accepts rows with any leading shape."""
+
+    def reward_fn(params, responses) -> jax.Array:
+        del params
+        return reward(responses.tokens, responses.response_mask)
+
+    return reward_fn
 
 
 def get_task(name: str) -> SyntheticTask:

@@ -63,6 +63,7 @@ from bond.tasks import (
     check_count,
     check_split,
     layout,
+    programmatic_reward,
     prompt_mean,
     sample_categorical,
     sample_chain,
@@ -260,6 +261,6 @@ TASK = SyntheticTask(
     max_response_length=MAX_RESPONSE_LENGTH,
     prompts=prompts,
     pretraining_corpus=pretraining_corpus,
-    reward=gold_reward,
+    reward=programmatic_reward(gold_reward),
     generative_logprob=generative_logprob,
 )

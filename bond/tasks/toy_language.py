@@ -55,6 +55,7 @@ from bond.tasks import (
     chain_logprob,
     layout,
     left_pad,
+    programmatic_reward,
     prompt_mean,
     sample_chain,
     split_rows,
@@ -162,6 +163,6 @@ TASK = SyntheticTask(
     max_response_length=MAX_RESPONSE_LENGTH,
     prompts=prompts,
     pretraining_corpus=pretraining_corpus,
-    reward=reward,
+    reward=programmatic_reward(reward),
     generative_logprob=generative_logprob,
 )
