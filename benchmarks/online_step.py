@@ -43,7 +43,7 @@ from bond.step import (
     TrainState, anchor_update, fixed_logprobs, loss_and_grad, make_optimizer, optimizer_update, pair_judge_of,
     sample_responses, score,
 )
-from bond.tasks import Prompts, Task
+from bond.tasks import Prompts, Task, programmatic_reward
 
 from common import (
     DEFAULT_WORKLOAD,
@@ -76,15 +76,8 @@ def even_token_reward(prompt_length: int):
     return reward
 
 
-def _not_used(what: str):
-    def fail(*_):
-        raise NotImplementedError(f"the benchmark task has no {what}")
-
-    return fail
-
-
 def workload_task(workload: dict, prompts: np.ndarray) -> Task:
-    """The workload as a Task: its prompts (every split), its length, the even-token reward."""
+    """The workload as a Task: its prompts (every split) and its lengths."""
     p, s = workload["prompts"], workload["sampling"]
     tokens = np.asarray(prompts, np.int32)
 
@@ -98,9 +91,6 @@ def workload_task(workload: dict, prompts: np.ndarray) -> Task:
         prompt_length=p["length"],
         max_response_length=s["max_new_tokens"],
         prompts=task_prompts,
-        pretraining_corpus=_not_used("pretraining corpus"),
-        reward=even_token_reward(p["length"]),
-        generative_logprob=_not_used("generative process"),
         eos_id=workload["model"]["eos_token_id"],
     )
 
@@ -125,15 +115,13 @@ def workload_config(workload: dict, algorithm: str) -> ml_collections.ConfigDict
 
 def workload_setup(workload: dict, prompts: np.ndarray, algorithm: str) -> Setup:
     """A bond Setup for the workload on one device (what make_setup builds for a built-in task),
-    whose train prompts are the workload's: step t's batch is all of them, in order."""
+    whose train prompts are the workload's (step t's batch is all of them, in order) and whose
+    reward is the even-token reward."""
     config = workload_config(workload, algorithm)
     task = workload_task(workload, prompts)
     algo = algorithms.get_algorithm(algorithm)
     tokens = np.asarray(prompts, np.int32)
-
-    def reward_fn(judge_params, tokens, attention_mask, response_mask):
-        return task.reward(tokens, response_mask)
-
+    reward_fn = programmatic_reward(even_token_reward(task.prompt_length))
     return Setup(
         config=ml_collections.FrozenConfigDict(config),
         task=task,

@@ -30,7 +30,7 @@ import numpy as np
 
 from bond import algorithms, sharding, stages
 from bond.algorithms import Algorithm, Samples, SamplingPlan
-from bond.models import TransformerConfig, reward_model_scores
+from bond.models import PairJudge, RewardFn, TransformerConfig, reward_model_fn
 from bond.step import (
     Batch, Fixed, StepShardings, Traced, TrainState, compile_train_step, draw_samples, init_state, state_shardings,
     traced_inputs,
@@ -55,15 +55,15 @@ class Setup:
     algorithm: Algorithm
     plan: SamplingPlan
     anchor_kind: str  # 'none', 'hard' or 'ema'
-    # (judge_params, tokens, attention, response) → [N]; judge_params is `Setup.judge_params`,
+    # RewardFns on judge_params['reward'] (None without a reward model; `bond.step.reward_params`),
     # passed into the jitted step as an argument so that large judges are not compiled in as constants.
-    reward_fn: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
-    eval_reward_fn: Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+    reward_fn: RewardFn
+    eval_reward_fn: RewardFn
     mesh: jax.sharding.Mesh
     judge_params: Any = None  # parameters of the reward / preference models ({'reward': ..., 'preference': ...})
     # A pair scorer's P(y ≻ y') (bond/models/preference.py) on judge_params['preference']: the losses
     # that learn from preferences (WIND) read it through LossInputs.pair_judge.
-    preference_judge: Optional[Callable] = None
+    preference_judge: Optional[PairJudge] = None
     train_prompts: Any = None  # the train prompt source when the task brings its own (else its TFDS set)
 
 
@@ -116,19 +116,11 @@ def _builtin_setup(config, algorithm: Algorithm, mesh, log) -> tuple[Setup, Any]
     """A built-in task: the reference pretrained (SFT) on its corpus, its reward or a proxy reward model."""
     task = get_task(config.task)
     model, ref_params = stages.pretrained_reference(config, task, log)
-
-    def task_reward(judge_params, tokens, attention_mask, response_mask):
-        return task.reward(tokens, response_mask)
-
-    reward_fn, judge_params = task_reward, None
+    reward_fn, judge_params = task.reward, None
     if config.reward_model.use_proxy:
         rm_model, rm_params = stages.proxy_reward_model(config, task, synthetic_language.preference_corpus, log)
         judge_params = _on_mesh({"reward": rm_params}, mesh)
-
-        def proxy_reward(judge_params, tokens, attention_mask, response_mask):
-            return reward_model_scores(judge_params["reward"], tokens, attention_mask, model=rm_model)
-
-        reward_fn = proxy_reward
+        reward_fn = reward_model_fn(rm_model)
 
     setup = Setup(
         config=ml_collections.FrozenConfigDict(config),
@@ -138,7 +130,7 @@ def _builtin_setup(config, algorithm: Algorithm, mesh, log) -> tuple[Setup, Any]
         plan=algorithm.plan(config.algo),
         anchor_kind=anchor_kind(config, algorithm),
         reward_fn=reward_fn,
-        eval_reward_fn=task_reward,
+        eval_reward_fn=task.reward,
         mesh=mesh,
         judge_params=judge_params,
     )

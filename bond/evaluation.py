@@ -11,8 +11,9 @@ import numpy as np
 
 from bond import bon, exact, sharding
 from bond.context import Setup
-from bond.models.preference import Responses, symmetric_preference
-from bond.step import draw_samples
+from bond.models import Responses, response_rows
+from bond.models.preference import symmetric_preference
+from bond.step import draw_samples, reward_params
 
 # Exact evaluation enumerates every response; beyond this many per prompt it falls back to sampling.
 MAX_EXACT_RESPONSES = 200_000
@@ -64,8 +65,8 @@ class Evaluator:
         attention = jnp.concatenate(
             [jnp.broadcast_to(self.prompt_mask[:, None], (b, m, p)).astype(jnp.float32), response[..., p:]], -1
         )
-        flat = lambda x: x.reshape(b * m, p + length)
-        return reward_fn(self.judge_params, flat(tokens), flat(attention), flat(response)).reshape(b, m)
+        rows = response_rows(Responses(tokens, attention, response))
+        return reward_fn(reward_params(self.judge_params), rows).reshape(b, m)
 
     def __call__(self, params) -> dict[str, float]:
         if self.exact:
@@ -94,11 +95,8 @@ class Evaluator:
                                  reads={"ref_logp"})
         policy = draw(params=params, key=k_policy, source="policy")
         ref = draw(params=self.ref_params, key=k_ref, source="reference")
-        gold = lambda s: self.setup.eval_reward_fn(
-            judge_params, s.tokens.reshape(-1, s.tokens.shape[-1]), s.attention_mask.reshape(-1, s.tokens.shape[-1]),
-            s.response_mask.reshape(-1, s.tokens.shape[-1]),
-        ).reshape(s.rewards.shape)
-        r_policy, r_ref = gold(policy), gold(ref)
+        gold = lambda s: self.setup.eval_reward_fn(reward_params(judge_params), response_rows(s))
+        r_policy, r_ref = (gold(s).reshape(s.rewards.shape) for s in (policy, ref))
         wins = (r_policy[:, :, None] > r_ref[:, None, :]) + 0.5 * (r_policy[:, :, None] == r_ref[:, None, :])
         metrics = {
             "reward": jnp.mean(r_policy),
@@ -109,10 +107,8 @@ class Evaluator:
         if self.setup.config.reward_model.use_proxy:
             metrics["proxy_reward"] = jnp.mean(policy.rewards)
         if self.setup.preference_judge is not None:  # P(y ≻ y_ref) under the pair scorer, sample i against sample i
-            flat = lambda s: Responses(*(x.reshape(-1, x.shape[-1]) for x in (s.tokens, s.attention_mask, s.response_mask)))
-            metrics["preference_win_rate_vs_ref"] = jnp.mean(
-                symmetric_preference(self.setup.preference_judge, judge_params["preference"], flat(policy), flat(ref))
-            )
+            metrics["preference_win_rate_vs_ref"] = jnp.mean(symmetric_preference(
+                self.setup.preference_judge, judge_params["preference"], response_rows(policy), response_rows(ref)))
         return {k: float(v) for k, v in metrics.items()}
 
 

@@ -33,7 +33,7 @@ from bond.models import (
     reward_model_scores,
     sequence_logprobs,
 )
-from bond.tasks import Task
+from bond.tasks import SyntheticTask, Task
 
 
 def cache_root(cache_dir: str = "") -> Path:
@@ -173,7 +173,7 @@ def _minibatch(arrays: tuple[np.ndarray, ...], batch_size: int, seed: int) -> Ca
 
 
 def pretrained_reference(
-    config: ml_collections.ConfigDict, task: Task, log: Callable[[str], None] = print
+    config: ml_collections.ConfigDict, task: SyntheticTask, log: Callable[[str], None] = print
 ) -> tuple[TransformerConfig, Any]:
     """The reference policy π_ref: the model of `config.model` fitted by maximum likelihood to
     the responses of the task's pretraining corpus (SFT), cached. Returns (model config, params).

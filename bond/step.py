@@ -39,7 +39,7 @@ import optax
 
 from bond import sharding
 from bond.algorithms import Drawn, LossInputs, Samples
-from bond.models import param_logical_axes, sequence_logprobs
+from bond.models import param_logical_axes, response_rows, sequence_logprobs
 from bond.models.preference import preference_matrix
 from bond.sampling import SampleOutput, sample
 
@@ -182,11 +182,14 @@ def sample_responses(setup: Setup, params, prompts, prompt_mask, key, count: int
     )
 
 
+def reward_params(judges) -> Any:
+    """The reward model's parameters among the run's judges ({'reward': ..., 'preference': ...}), None without one."""
+    return None if judges is None else judges.get("reward")
+
+
 def score(setup: Setup, judges, out: SampleOutput) -> jax.Array:
     """Phase 2: the reward judge's r(x, y) of every response: [B, S]."""
-    b, s, t = out.tokens.shape
-    flat = lambda x: x.reshape(b * s, t)
-    return setup.reward_fn(judges, flat(out.tokens), flat(out.attention_mask), flat(out.response_mask)).reshape(b, s)
+    return setup.reward_fn(reward_params(judges), response_rows(out)).reshape(out.tokens.shape[:2])
 
 
 def policy_logprobs(setup: Setup, params, samples: Samples, prompt_length: int) -> jax.Array:
@@ -237,8 +240,7 @@ def pair_judge_of(setup: Setup, judges) -> Optional[Callable[[Samples], jax.Arra
     """Samples [B, S, T] → P(y_i ≻ y_j) [B, S, S] from the run's pair scorer; None without one."""
     if setup.preference_judge is None:
         return None
-    return lambda s: preference_matrix(setup.preference_judge, judges["preference"], s.tokens, s.attention_mask,
-                                       s.response_mask)
+    return lambda s: preference_matrix(setup.preference_judge, judges["preference"], s)
 
 
 def loss_and_grad(setup: Setup, params, drawn: Drawn, hp, key, pair_judge, prompt_length: int):

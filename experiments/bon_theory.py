@@ -29,7 +29,7 @@ import numpy as np
 from jax.typing import ArrayLike
 
 from bond import bon, exact, stages
-from bond.tasks import get_task
+from bond.tasks import Prompts, get_task, layout
 from experiments import common
 
 NAME = "bon_theory"
@@ -55,14 +55,9 @@ def reference_tables(config: ml_collections.ConfigDict, log: Callable[[str], Non
     prompts = task.prompts("eval", config.eval.num_prompts, config.seed)
     space = exact.enumerate_responses(task.vocab_size, task.max_response_length, task.eos_id)
     ref_logprobs = exact.response_logprobs(model, ref_params, prompts.tokens, prompts.mask, space)
-    b, m = prompts.tokens.shape[0], space.tokens.shape[0]
-    tokens = jnp.concatenate(
-        [jnp.broadcast_to(jnp.asarray(prompts.tokens)[:, None], (b, m, task.prompt_length)),
-         jnp.broadcast_to(space.tokens, (b, m, task.max_response_length))], axis=-1)
-    response_mask = jnp.concatenate(
-        [jnp.zeros((b, m, task.prompt_length), jnp.float32),
-         jnp.broadcast_to(space.response_mask, (b, m, task.max_response_length))], axis=-1)
-    return ReferenceTables(ref_logprobs=ref_logprobs, rewards=task.reward(tokens, response_mask))
+    b, m = prompts.tokens.shape[0], space.size
+    rows = layout(Prompts(*(np.repeat(x, m, axis=0) for x in prompts)), np.tile(np.asarray(space.tokens), (b, 1)))
+    return ReferenceTables(ref_logprobs=ref_logprobs, rewards=task.reward(None, rows).reshape(b, m))
 
 
 def strict_ranks(rewards: ArrayLike) -> jax.Array:

@@ -48,7 +48,7 @@ from bond import exact, stages
 from bond.losses import distribution_matching as dm
 from bond.models import sequence_logprobs
 from bond.sampling import sample
-from bond.tasks import get_task
+from bond.tasks import Prompts, get_task, layout
 from experiments import common
 
 NAME = "distribution_matching"
@@ -95,10 +95,8 @@ def make_world(quick: bool) -> World:
     prompt, mask = jnp.asarray(prompts.tokens), jnp.asarray(prompts.mask)
     space = exact.enumerate_responses(task.vocab_size, task.max_response_length, task.eos_id)
     ref_log_probs = np.asarray(exact.response_logprobs(model, ref_params, prompt, mask, space)[0], np.float64)
-    m = space.size
-    tokens = jnp.concatenate([jnp.broadcast_to(prompt, (m, prompt.shape[1])), space.tokens], axis=1)
-    response_mask = jnp.concatenate([jnp.zeros((m, prompt.shape[1])), space.response_mask], axis=1)
-    rewards = np.asarray(task.reward(tokens, response_mask), np.float64)
+    rows = layout(Prompts(*(np.repeat(x, space.size, axis=0) for x in prompts)), np.asarray(space.tokens))
+    rewards = np.asarray(task.reward(None, rows), np.float64)
     return World(model, ref_params, prompt, mask, space, ref_log_probs, rewards, task.max_response_length, task.eos_id)
 
 

@@ -29,7 +29,7 @@ from jax.typing import ArrayLike
 from scipy.special import gammaln
 
 from bond import bon, stages
-from bond.models import reward_model_scores
+from bond.models import response_rows, reward_model_fn
 from bond.sampling import sample
 from bond.tasks import get_task, synthetic_language
 from experiments import common
@@ -108,10 +108,10 @@ def reference_best_of_n(config, num_samples: int) -> dict[str, list[float]]:
     out = sample(model, ref_params, jnp.asarray(prompts.tokens), jnp.asarray(prompts.mask),
                  jax.random.fold_in(jax.random.PRNGKey(config.seed), 7), num_samples=num_samples,
                  max_new_tokens=task.max_response_length, eos_id=task.eos_id)
-    b, s, t = out.tokens.shape
-    flat = lambda x: x.reshape(b * s, t)
-    gold = np.asarray(task.reward(flat(out.tokens), flat(out.response_mask))).reshape(b, s)
-    proxy = np.asarray(reward_model_scores(rm_params, flat(out.tokens), flat(out.attention_mask), model=rm_model)).reshape(b, s)
+    b, s = out.tokens.shape[:2]
+    rows = response_rows(out)
+    gold = np.asarray(task.reward(None, rows)).reshape(b, s)
+    proxy = np.asarray(reward_model_fn(rm_model)(rm_params, rows)).reshape(b, s)
     ns = [n for n in BON_NS if n <= num_samples]
     return {
         "n": ns,

@@ -43,14 +43,14 @@ def _responses(tokens, attention, response):
 
 def test_reward_judge_is_bradley_terry_and_its_matrix_is_antisymmetric():
     scores = jnp.array([0.0, 1.0, -2.0])
-    score_fn = lambda params, tokens, attention: params[tokens[:, 0]]  # row n scores its first token's entry
+    reward_fn = lambda params, responses: params[responses.tokens[:, 0]]  # row n scores its first token's entry
     tokens = jnp.array([[0, 5], [1, 5], [2, 5]], jnp.int32)
     ones = jnp.ones_like(tokens)
     a = _responses(tokens, ones, ones)
     b = _responses(tokens[::-1], ones, ones)
-    p = reward_judge(score_fn)(scores, a, b)
+    p = reward_judge(reward_fn)(scores, a, b)
     np.testing.assert_allclose(p, jax.nn.sigmoid(jnp.array([0.0 - (-2.0), 0.0, -2.0 - 0.0])), rtol=1e-6)
-    matrix = preference_matrix(reward_judge(score_fn), scores, tokens[None], ones[None], ones[None])[0]
+    matrix = preference_matrix(reward_judge(reward_fn), scores, _responses(tokens[None], ones[None], ones[None]))[0]
     expected = 1.0 / (1.0 + np.exp(-(np.array(scores)[:, None] - np.array(scores)[None, :])))
     np.testing.assert_allclose(matrix, expected, rtol=1e-6)
     np.testing.assert_allclose(matrix + matrix.T, np.ones((3, 3)), atol=1e-6)
@@ -62,8 +62,9 @@ def test_pair_scorer_is_symmetrised_over_both_orders():
     # = ½[σ(d + c) + σ(d − c)] with d = f(y) − f(y').
     prompt_length, c = 2, 0.7
 
-    def logit(params, tokens, attention):
-        del params, attention
+    def logit(params, joint):
+        del params
+        tokens = joint.tokens
         f_first = tokens[:, prompt_length].astype(jnp.float32)  # y's first token
         f_second = tokens[:, -2].astype(jnp.float32)  # y''s first token (response length 2, no separator)
         return f_first - f_second + c
@@ -72,7 +73,7 @@ def test_pair_scorer_is_symmetrised_over_both_orders():
     tokens = jnp.array([[[9, 9, 1, 0], [9, 9, 3, 0], [9, 9, 2, 0]]], jnp.int32)  # one prompt, S = 3, L = 2
     attention = jnp.array([[[1, 1, 1, 0]] * 3], jnp.int32)
     response = jnp.array([[[0, 0, 1, 0]] * 3], jnp.float32)
-    matrix = np.asarray(preference_matrix(judge, None, tokens, attention, response)[0])
+    matrix = np.asarray(preference_matrix(judge, None, _responses(tokens, attention, response))[0])
     f = np.array([1.0, 3.0, 2.0])
     sig = lambda x: 1.0 / (1.0 + np.exp(-x))
     d = f[:, None] - f[None, :]
@@ -90,9 +91,10 @@ def test_joint_pair_inputs_layout():
     # P = 2 (left-padded prompt [pad, 7]), responses of length 3: a = [4, EOS=2, pad], b = [5, 6, 2]
     a = _responses([[0, 7, 4, 2, 0]], [[0, 1, 1, 1, 0]], [[0, 0, 1, 1, 0]])
     b = _responses([[0, 7, 5, 6, 2]], [[0, 1, 1, 1, 1]], [[0, 0, 1, 1, 1]])
-    tokens, attention = joint_pair_inputs(a, b, prompt_length=2, separator=[11, 12])
-    assert tokens.tolist() == [[0, 7, 4, 2, 0, 11, 12, 5, 6, 2]]
-    assert attention.tolist() == [[0, 1, 1, 1, 0, 1, 1, 1, 1, 1]]
+    joint = joint_pair_inputs(a, b, prompt_length=2, separator=[11, 12])
+    assert joint.tokens.tolist() == [[0, 7, 4, 2, 0, 11, 12, 5, 6, 2]]
+    assert joint.attention_mask.tolist() == [[0, 1, 1, 1, 0, 1, 1, 1, 1, 1]]
+    assert joint.response_mask.tolist() == [[0, 0, 1, 1, 0, 1, 1, 1, 1, 1]]
     with pytest.raises(ValueError, match="same shape"):
         joint_pair_inputs(a, _responses(*(np.asarray(x)[:, :4] for x in b)), prompt_length=2)
 

@@ -1,4 +1,5 @@
-"""Tests of bond.models.reward: reward-model scores, Bradley-Terry loss, preference interface."""
+"""Tests of bond.models.reward and the preferences of rewards: reward-model scores, the RewardFn of a
+reward model, Bradley-Terry loss, preference matrices of a reward and of an inconsistent judge."""
 
 import math
 
@@ -9,15 +10,17 @@ import optax
 import pytest
 
 from bond.models import (
+    Responses,
     TransformerConfig,
     bradley_terry_loss,
     init_reward_params,
-    pairwise_preferences,
-    preference_fn_from_reward,
+    preference_matrix,
     preferences_from_rewards,
+    reward_model_fn,
     reward_model_scores,
     reward_param_logical_axes,
 )
+from bond.models.preference import reward_judge
 
 TINY = TransformerConfig(vocab_size=16, num_layers=1, d_model=32, num_heads=4, d_ff=64, max_len=16)
 
@@ -49,6 +52,8 @@ def test_score_is_read_at_the_last_real_token(params):
     mask = jnp.array([[0, 0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0]], jnp.int32)
     scores = reward_model_scores(params, tokens, mask, model=TINY)
     assert scores.shape == (2,) and scores.dtype == jnp.float32
+    # Its RewardFn reads the same score from Responses (the response mask does not enter).
+    np.testing.assert_array_equal(reward_model_fn(TINY)(params, Responses(tokens, mask, jnp.zeros_like(mask))), scores)
     # Tokens outside the mask (left pads and anything after the last real token) do not matter.
     changed = tokens.at[0, 0].set(7).at[0, 7].set(2).at[1, 7].set(5)
     np.testing.assert_allclose(reward_model_scores(params, changed, mask, model=TINY), scores, atol=1e-6)
@@ -117,19 +122,26 @@ def test_preferences_from_rewards_closed_forms():
         preferences_from_rewards(rewards[0])
 
 
-def fraction_even(tokens, response_mask):
+def fraction_even(params, responses):
     """A programmatic RewardFn: fraction of even ids among the counted response tokens."""
-    even = (tokens % 2 == 0).astype(jnp.float32)
-    return jnp.sum(even * response_mask, axis=-1) / jnp.maximum(jnp.sum(response_mask, axis=-1), 1.0)
+    del params
+    even = (responses.tokens % 2 == 0).astype(jnp.float32)
+    counted = responses.response_mask
+    return jnp.sum(even * counted, axis=-1) / jnp.maximum(jnp.sum(counted, axis=-1), 1.0)
+
+
+def _groups(tokens, response_mask):
+    """Responses [B, S, T] whose attention mask is 1 wherever a token is real (here: everywhere)."""
+    return Responses(jnp.asarray(tokens), jnp.ones_like(jnp.asarray(tokens)), jnp.asarray(response_mask))
 
 
 @pytest.mark.parametrize("kind", ["hard", "bradley_terry"])
-def test_programmatic_reward_through_the_preference_interface(kind):
+def test_programmatic_reward_through_the_preference_matrix(kind):
     tokens = np.random.default_rng(3).integers(0, 8, size=(2, 4, 6))
     response_mask = np.zeros((2, 4, 6), np.float32)
     response_mask[:, :, 2:] = 1.0
-    preference_fn = preference_fn_from_reward(fraction_even, kind)
-    prefs = jax.jit(pairwise_preferences, static_argnums=0)(preference_fn, tokens, response_mask)
+    judge = reward_judge(fraction_even, kind)
+    prefs = jax.jit(preference_matrix, static_argnums=0)(judge, None, _groups(tokens, response_mask))
     rewards = (tokens[:, :, 2:] % 2 == 0).mean(axis=-1)
     assert len(np.unique(rewards)) < rewards.size, "precondition: some rewards tie"
     difference = rewards[:, :, None] - rewards[:, None, :]
@@ -138,15 +150,18 @@ def test_programmatic_reward_through_the_preference_interface(kind):
     else:
         expected = 1 / (1 + np.exp(-difference))
     np.testing.assert_allclose(prefs, expected, atol=1e-6)
+    np.testing.assert_allclose(prefs, preferences_from_rewards(rewards, kind), atol=1e-6)
+    with pytest.raises(ValueError, match="kind"):
+        reward_judge(fraction_even, "soft")
 
 
-def test_pairwise_preferences_antisymmetrise_an_inconsistent_judge():
-    def biased_judge(tokens_a, mask_a, tokens_b, mask_b):  # prefers a by +0.2 whatever the order
-        return jnp.clip(jax.nn.sigmoid(fraction_even(tokens_a, mask_a) - fraction_even(tokens_b, mask_b)) + 0.2, 0, 1)
+def test_preference_matrix_antisymmetrises_an_inconsistent_judge():
+    def biased_judge(params, a, b):  # prefers a by +0.2 whatever the order
+        return jnp.clip(jax.nn.sigmoid(fraction_even(params, a) - fraction_even(params, b)) + 0.2, 0, 1)
 
-    tokens = np.random.default_rng(4).integers(0, 8, size=(1, 3, 5))
-    prefs = np.asarray(jax.jit(pairwise_preferences, static_argnums=0)(biased_judge, tokens, np.ones((1, 3, 5))))
+    groups = _groups(np.random.default_rng(4).integers(0, 8, size=(1, 3, 5)), np.ones((1, 3, 5)))
+    prefs = np.asarray(jax.jit(preference_matrix, static_argnums=0)(biased_judge, None, groups))
     np.testing.assert_allclose(prefs + np.swapaxes(prefs, 1, 2), 1.0, atol=1e-6)
     np.testing.assert_allclose(np.diagonal(prefs, axis1=1, axis2=2), 0.5, atol=1e-6)
     with pytest.raises(ValueError, match="one probability per pair"):
-        pairwise_preferences(lambda a, ma, b, mb: jnp.zeros(2), tokens, jnp.ones((1, 3, 5)))
+        preference_matrix(lambda params, a, b: jnp.zeros(2), None, groups)

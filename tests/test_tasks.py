@@ -112,13 +112,14 @@ def test_corpus_layout(task):
 
 @pytest.mark.parametrize("task", TASKS, ids=TASK_NAMES)
 def test_reward_jittable_deterministic(task):
+    """The task's reward is a RewardFn (params, Responses) that reads no params; any leading shape."""
     corpus = task.pretraining_corpus(64, 0)
-    eager = task.reward(corpus.tokens, corpus.response_mask)
-    jitted = jax.jit(task.reward)(corpus.tokens, corpus.response_mask)
+    eager = task.reward(None, corpus)
+    jitted = jax.jit(task.reward)(None, corpus)
     assert eager.shape == (64,) and eager.dtype == jnp.float32
     np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(task.reward(corpus.tokens, corpus.response_mask), eager)
-    grouped = task.reward(corpus.tokens.reshape(8, 8, -1), corpus.response_mask.reshape(8, 8, -1))
+    np.testing.assert_array_equal(task.reward(None, corpus), eager)
+    grouped = task.reward(None, type(corpus)(*(x.reshape(8, 8, -1) for x in corpus)))
     np.testing.assert_allclose(grouped.reshape(-1), eager, rtol=1e-6, atol=1e-6)
     assert np.unique(np.asarray(eager)).size > 32
 
@@ -129,14 +130,12 @@ def test_reward_ignores_tokens_after_eos_and_checks_shapes(task):
     after_eos = (corpus.response_mask == 0) & (np.arange(task.sequence_length) >= task.prompt_length)
     junk = 1 + np.arange(corpus.tokens.size).reshape(corpus.tokens.shape) % 7
     noisy = np.where(after_eos, junk, corpus.tokens)
-    np.testing.assert_array_equal(
-        task.reward(noisy, corpus.response_mask), task.reward(corpus.tokens, corpus.response_mask)
-    )
+    np.testing.assert_array_equal(task.reward(None, corpus._replace(tokens=noisy)), task.reward(None, corpus))
     with pytest.raises(ValueError, match="response_mask shape"):
-        task.reward(corpus.tokens, corpus.response_mask[:, 1:])
+        task.reward(None, corpus._replace(response_mask=corpus.response_mask[:, 1:]))
     too_long = np.zeros((2, task.sequence_length + 1), np.int32)
     with pytest.raises(ValueError, match="prompt_length"):
-        task.reward(too_long, too_long)
+        task.reward(None, type(corpus)(too_long, too_long, too_long))
 
 
 @pytest.mark.parametrize("task", TASKS, ids=TASK_NAMES)

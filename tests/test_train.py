@@ -21,6 +21,7 @@ import pytest
 from bond import algorithms, train
 from bond.config_base import load_config, set_field
 from bond.context import build_context
+from bond.models import response_rows
 from bond.step import make_train_step
 from bond.metrics import NonFiniteLossError, read_metrics
 from bond.validation import ConfigError, validate
@@ -311,8 +312,7 @@ def test_reference_cache_holds_each_train_prompts_own_samples(cache_dir):
     k = setup.plan.reference
     assert cache.tokens.shape[:2] == (len(source), k)
     np.testing.assert_array_equal(cache.tokens[:, :, : prompts.shape[1]], np.repeat(prompts[:, None], k, axis=1))
-    rewards = setup.task.reward(cache.tokens.reshape(-1, cache.tokens.shape[-1]),
-                                cache.response_mask.reshape(-1, cache.tokens.shape[-1]))
+    rewards = setup.task.reward(None, response_rows(cache))
     np.testing.assert_allclose(cache.rewards.reshape(-1), rewards, rtol=1e-6)
     again = build_reference_cache(setup, ref_params, source, key, chunk=1000)
     np.testing.assert_array_equal(again.tokens, cache.tokens)

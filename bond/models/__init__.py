@@ -1,5 +1,6 @@
 """Language models: a decoder-only transformer (GPT-2 and the Llama/Gemma family; KV cache, logical axis
-names), reward models, and HF-format checkpoints."""
+names), the one reward interface and reward models (reward.py), pairwise preferences (preference.py),
+and HF-format checkpoints."""
 
 from bond.models.pretrained import (
     load_pretrained,
@@ -7,15 +8,15 @@ from bond.models.pretrained import (
     reward_scores,
     save_pretrained,
 )
+from bond.models.preference import PairJudge, preference_matrix, preferences_from_rewards
 from bond.models.reward import (
-    PreferenceFn,
+    Responses,
     RewardFn,
     RewardModel,
     bradley_terry_loss,
     init_reward_params,
-    pairwise_preferences,
-    preference_fn_from_reward,
-    preferences_from_rewards,
+    response_rows,
+    reward_model_fn,
     reward_model_scores,
     reward_param_logical_axes,
 )
@@ -38,7 +39,8 @@ from bond.models.transformer import (
 __all__ = [
     "KVCache",
     "LayerCache",
-    "PreferenceFn",
+    "PairJudge",
+    "Responses",
     "RewardFn",
     "RewardModel",
     "Transformer",
@@ -53,11 +55,12 @@ __all__ = [
     "load_pretrained",
     "load_reward_model",
     "logits",
-    "pairwise_preferences",
     "param_logical_axes",
     "positions_from_mask",
-    "preference_fn_from_reward",
+    "preference_matrix",
     "preferences_from_rewards",
+    "response_rows",
+    "reward_model_fn",
     "reward_model_scores",
     "reward_param_logical_axes",
     "reward_scores",

@@ -1,16 +1,14 @@
-"""Reward models, the Bradley-Terry loss, and the one pairwise-preference interface.
+"""The one reward interface, reward models and the Bradley-Terry loss.
 
-Two kinds of judges feed the alignment losses:
-
-* a scalar reward, `RewardFn`: (tokens [B, T], response_mask [B, T]) -> rewards [B] float32, e.g.
-  a programmatic reward (a Python/JAX function of the tokens). A learned reward model scores the
-  same sequences with `reward_model_scores(params, tokens, attention_mask, model=...)`, which also
-  needs the attention mask (the sampler returns it) because prompt padding is not visible in the
-  tokens alone;
-* a pairwise preference, `PreferenceFn`: (tokens_a, response_mask_a, tokens_b, response_mask_b)
-  -> P(a > b) [B] in [0, 1], where row b of both sides continues the same prompt. WIND and SPPO
-  consume preferences; any RewardFn becomes one with `preference_fn_from_reward`, and a group of
-  rewards [B, S] becomes a preference matrix with `preferences_from_rewards`.
+Every reward in the code base is a `RewardFn`: (params, responses) -> rewards [N] float32, where
+`responses` is a `Responses` of rows [N, T] (prompt + response in the codebase layout: tokens,
+attention mask, response mask) and params are the judge's parameters, or None for a reward that
+has none. The built-in tasks' programmatic rewards (bond.tasks.programmatic_reward), a learned
+reward model (`reward_model_fn`, the proxy reward model and a pretrained checkpoint's alike) and
+the benchmark's reward all have it, and so do `Setup.reward_fn` and `Setup.eval_reward_fn`.
+Params are an argument (not closed over) so that a large judge enters a jitted step as an input,
+not as a constant baked into the program. Pairwise preferences are built on this interface in
+bond/models/preference.py.
 
 The reward model is the transformer trunk (bond.models.transformer) with a scalar linear head read
 at the last real token, trained with the Bradley-Terry loss (Bradley & Terry 1952; Ouyang et al.
@@ -20,7 +18,7 @@ at the last real token, trained with the Bradley-Terry loss (Bradley & Terry 195
 from __future__ import annotations
 
 import functools
-from typing import Callable, Literal, Protocol
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -29,26 +27,28 @@ from jax.typing import ArrayLike
 
 from bond.models.transformer import Transformer, TransformerConfig, positions_from_mask
 
-RewardFn = Callable[[jax.Array, jax.Array], jax.Array]
-"""(tokens [B, T] int, response_mask [B, T]) -> rewards [B] float32."""
 
-PreferenceKind = Literal["hard", "bradley_terry"]
+class Responses(NamedTuple):
+    """Prompt + response rows [N, T]: tokens int, attention_mask (1 = real token), response_mask (1 on the response).
 
-
-class PreferenceFn(Protocol):
-    """P(response a is preferred to response b), one probability per row.
-
-    tokens_a/tokens_b [B, T] hold prompt + response in the codebase layout (left-padded prompt,
-    response from index P); row b of both continues the same prompt. Returns [B] in [0, 1].
+    The layout is the codebase's: the prompt left-padded to length P, the response from index P,
+    response_mask 1 up to and including the first EOS.
     """
 
-    def __call__(
-        self,
-        tokens_a: jax.Array,
-        response_mask_a: jax.Array,
-        tokens_b: jax.Array,
-        response_mask_b: jax.Array,
-    ) -> jax.Array: ...
+    tokens: jax.Array
+    attention_mask: jax.Array
+    response_mask: jax.Array
+
+
+RewardFn = Callable[[Any, Responses], jax.Array]
+"""(params or None, responses rows [N, T]) -> rewards [N] float32."""
+
+
+def response_rows(responses) -> Responses:
+    """The rows [N, T] of responses [..., T]: anything with tokens, attention_mask and response_mask
+    (a `Responses`, the sampler's output, `bond.algorithms.Samples`), leading axes flattened."""
+    rows = lambda x: x.reshape(-1, x.shape[-1])
+    return Responses(rows(responses.tokens), rows(responses.attention_mask), rows(responses.response_mask))
 
 
 class RewardModel(nn.Module):
@@ -136,6 +136,16 @@ def _scores_jit(config: TransformerConfig, params, tokens: jax.Array, attention_
     return RewardModel(config).apply({"params": params}, tokens, attention_mask)
 
 
+def reward_model_fn(model: RewardModel | TransformerConfig) -> RewardFn:
+    """The RewardFn of a reward model: `reward_model_scores` of its params on the rows' tokens and
+    attention mask (the score is read at the last real token, so the response mask is not needed)."""
+
+    def reward(params, responses: Responses) -> jax.Array:
+        return reward_model_scores(params, responses.tokens, responses.attention_mask, model=model)
+
+    return reward
+
+
 def bradley_terry_loss(
     chosen_scores: ArrayLike,
     rejected_scores: ArrayLike,
@@ -169,79 +179,3 @@ def bradley_terry_loss(
     mean = lambda x: jnp.sum(weights * x) / total
     loss = mean(jax.nn.softplus(-margin))  # -log sigmoid(m) = softplus(-m), stable for any m
     return loss, {"accuracy": mean((margin > 0).astype(jnp.float32)), "margin": mean(margin)}
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in ("hard", "bradley_terry"):
-        raise ValueError(f"kind must be 'hard' or 'bradley_terry', got {kind!r}.")
-
-
-def _preference(rewards_a: jax.Array, rewards_b: jax.Array, kind: PreferenceKind) -> jax.Array:
-    """P(a > b) from two rewards: hard = 1[a > b] + 1/2 1[a = b], bradley_terry = sigmoid(a - b)."""
-    _check_kind(kind)
-    if kind == "hard":
-        return (rewards_a > rewards_b).astype(jnp.float32) + 0.5 * (rewards_a == rewards_b).astype(jnp.float32)
-    return jax.nn.sigmoid(rewards_a - rewards_b)
-
-
-def preferences_from_rewards(rewards: ArrayLike, kind: PreferenceKind = "hard") -> jax.Array:
-    """Preference matrices [B, S, S] of a group of rewards [B, S]: P[b, i, j] = P(y_i > y_j).
-
-    hard: 1[r_i > r_j] + 1/2 1[r_i = r_j] (a reward that decides; ties split evenly);
-    bradley_terry: sigmoid(r_i - r_j). Both satisfy P + P^T = 1 with 1/2 on the diagonal.
-    """
-    rewards = jnp.asarray(rewards, jnp.float32)
-    if rewards.ndim != 2:
-        raise ValueError(f"rewards must have shape [batch, samples], got {rewards.shape}.")
-    return _preference(rewards[:, :, None], rewards[:, None, :], kind)
-
-
-def preference_fn_from_reward(reward_fn: RewardFn, kind: PreferenceKind = "hard") -> PreferenceFn:
-    """The PreferenceFn P(a > b) = pref(reward_fn(a), reward_fn(b)) with `kind` as in
-    `preferences_from_rewards`."""
-    _check_kind(kind)
-
-    def preference(tokens_a, response_mask_a, tokens_b, response_mask_b):
-        return _preference(reward_fn(tokens_a, response_mask_a), reward_fn(tokens_b, response_mask_b), kind)
-
-    return preference
-
-
-def pairwise_preferences(
-    preference_fn: PreferenceFn,
-    tokens: ArrayLike,
-    response_mask: ArrayLike,
-) -> jax.Array:
-    """Preference matrices [B, S, S] of groups of S responses: P[b, i, j] = P(y_i > y_j).
-
-    Calls `preference_fn` once on all S * S ordered pairs of every group (batch B * S * S) and
-    returns the antisymmetrised (P + 1 - P^T) / 2, so that P + P^T = 1 and the diagonal is 1/2
-    even for a judge that is not exactly consistent under swapping a and b.
-
-    Args:
-      preference_fn: a PreferenceFn.
-      tokens: [B, S, T] int, S responses per prompt (prompt + response layout).
-      response_mask: [B, S, T].
-    """
-    tokens, response_mask = jnp.asarray(tokens), jnp.asarray(response_mask)
-    if tokens.ndim != 3 or response_mask.shape != tokens.shape:
-        raise ValueError(
-            f"tokens and response_mask must both have shape [batch, samples, length], got {tokens.shape} "
-            f"and {response_mask.shape}."
-        )
-    batch, group, length = tokens.shape
-
-    def all_pairs(x, axis):
-        x = jnp.expand_dims(x, axis)
-        return jnp.broadcast_to(x, (batch, group, group, length)).reshape(-1, length)
-
-    probs = preference_fn(all_pairs(tokens, 2), all_pairs(response_mask, 2),
-                          all_pairs(tokens, 1), all_pairs(response_mask, 1))
-    probs = jnp.asarray(probs, jnp.float32)
-    if probs.shape != (batch * group * group,):
-        raise ValueError(
-            f"preference_fn must return one probability per pair, shape {(batch * group * group,)}, "
-            f"got {probs.shape}."
-        )
-    probs = probs.reshape(batch, group, group)
-    return 0.5 * (probs + 1.0 - jnp.swapaxes(probs, 1, 2))

@@ -1,11 +1,17 @@
-"""Built-in synthetic tasks: prompts, a corpus for the reference policy, and a reward.
+"""Tasks: what every task has (`Task`) and the built-in synthetic tasks (`SyntheticTask`).
 
-A task is a :class:`Task`: its static shape (vocabulary, prompt length, response length,
-EOS id 0) and four pure functions,
+A :class:`Task` is what every task has: its static shape (vocabulary, prompt length, response
+length, EOS id) and its prompts,
 
     prompts(split, num, seed)       -> Prompts     deterministic prompt sets, 'train' / 'eval'
+
+(the pretrained checkpoint's task, bond/tasks/pretrained.py, is one). A built-in task is a
+:class:`SyntheticTask`, a Task with the hidden process that writes its data and a programmatic
+reward:
+
     pretraining_corpus(num, seed)   -> Sequences   prompt + "natural" response, for the reference
-    reward(tokens, response_mask)   -> [...]       float32, jittable, deterministic
+    reward(params, responses)       -> [N]         a RewardFn (bond/models/reward.py): float32,
+                                                   jittable, deterministic; it reads no params
     generative_logprob(tokens, response_mask) -> [...]   exact log p_gen(y | x) of the hidden
                                                    process that wrote the corpus
 
@@ -35,12 +41,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
+
+if TYPE_CHECKING:
+    from bond.models.reward import RewardFn
 
 EOS_ID = 0
 SPLITS = ("train", "eval")
@@ -70,16 +79,13 @@ class Sequences(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """A task's static shape and its pure functions (see the module docstring)."""
+    """What every task has: its static shape and its prompts (see the module docstring)."""
 
     name: str
     vocab_size: int
     prompt_length: int
     max_response_length: int
     prompts: Callable[[str, int, int], Prompts]
-    pretraining_corpus: Callable[[int, int], Sequences]
-    reward: Callable[[ArrayLike, ArrayLike], jax.Array]
-    generative_logprob: Callable[[ArrayLike, ArrayLike], jax.Array]
     eos_id: int = EOS_ID
 
     @property
@@ -88,7 +94,29 @@ class Task:
         return self.prompt_length + self.max_response_length
 
 
-def get_task(name: str) -> Task:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SyntheticTask(Task):
+    """A built-in task: a Task with its hidden process (corpus, exact log-probability) and its
+    programmatic reward (see the module docstring)."""
+
+    pretraining_corpus: Callable[[int, int], Sequences]
+    reward: RewardFn
+    generative_logprob: Callable[[ArrayLike, ArrayLike], jax.Array]
+
+
+def programmatic_reward(reward: Callable[[ArrayLike, ArrayLike], jax.Array]) -> RewardFn:
+    """The RewardFn of a reward computed from the tokens and the response mask alone, `reward(tokens,
+    response_mask)` [..., T] → [...]: it reads no params and no attention mask (a prompt's padding
+    is 0 in its tokens). Like `reward`, it accepts rows with any leading shape."""
+
+    def reward_fn(params, responses) -> jax.Array:
+        del params
+        return reward(responses.tokens, responses.response_mask)
+
+    return reward_fn
+
+
+def get_task(name: str) -> SyntheticTask:
     """The built-in task called `name` (one of TASK_NAMES)."""
     if name not in TASK_NAMES:
         raise ValueError(f"task={name!r} is not a built-in task; use one of {TASK_NAMES}.")

@@ -17,7 +17,9 @@
 checkpoint loader, and returns a :class:`PretrainedTask`: the `Task` the runner reads (vocabulary
 and EOS id of the checkpoint, prompt length P = max_prompt_length, response length
 L = max_new_tokens, eval prompts), the policy model and parameters, the judges' parameters (the
-`judge_params` the runner passes into its jitted step as an argument) and the scoring functions.
+`judge_params` the runner passes into its jitted step as an argument) and the judges: the reward
+model's `RewardFn` (on judge_params['reward']) and the pair scorer's `PairJudge` (on
+judge_params['preference']).
 
 The reward model reads the policy's token ids directly, so it must share the policy's tokenizer
 (bond/validation.py checks that before anything is loaded).
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from bond.models.preference import PairJudge, pair_scorer_judge
+from bond.models.reward import Responses, RewardFn, reward_model_fn
 from bond.tasks import Prompts, Task, check_split
 from bond.tasks.text import TokenizedPrompts, load_text_prompts
 from bond.tokenizer import Tokenizer, load_tokenizer
@@ -41,10 +44,6 @@ TASK_NAME = "pretrained"
 # Algorithms that can learn from a pair scorer's preference matrix (the rest need a reward model).
 PREFERENCE_MODEL_ALGORITHMS = ("wind",)
 PARAM_DTYPES = ("", "float32", "bfloat16")
-
-RewardFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
-"""(judge_params, tokens [N, T], attention_mask [N, T], response_mask [N, T]) → rewards [N] float32."""
-
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class PretrainedTask:
@@ -55,7 +54,7 @@ class PretrainedTask:
     model: Any  # the policy's TransformerConfig
     params: Any  # the policy's (= the reference's) parameters
     judge_params: dict  # {'reward': ..., 'preference': ...}, the judges that are configured
-    reward_fn: RewardFn
+    reward_fn: RewardFn  # on judge_params['reward'] (params None and every reward 0 without a reward model)
     preference_judge: Optional[PairJudge]  # on judge_params['preference'], or None
     train_prompts: TokenizedPrompts
     eval_prompts: TokenizedPrompts
@@ -87,8 +86,7 @@ def make_task(p: ml_collections.ConfigDict, tokenizer: Tokenizer, vocab_size: in
     """The `Task` of a pretrained run: checkpoint vocabulary and EOS, lengths from the config, eval prompts.
 
     Its prompts('eval', num, seed) are the first `num` eval prompts (the seed does not pick
-    among them, so every run of a config is evaluated on the same prompts); the functions of
-    the built-in tasks' hidden processes (corpus, programmatic reward) do not exist here.
+    among them, so every run of a config is evaluated on the same prompts).
     """
 
     def prompts(split: str, num: int, seed: int) -> Prompts:
@@ -98,48 +96,20 @@ def make_task(p: ml_collections.ConfigDict, tokenizer: Tokenizer, vocab_size: in
             raise ValueError("a pretrained task's train prompts are a stream: read them by row with bond.tasks.prompts.read_prompt_rows.")
         return eval_prompts.batch(num)
 
-    def unavailable(what: str):
-        def fn(*args, **kwargs):
-            raise NotImplementedError(f"a pretrained checkpoint's task has no {what}; it starts from the checkpoint.")
-
-        return fn
-
     return Task(
         name=TASK_NAME,
         vocab_size=vocab_size,
         prompt_length=p.max_prompt_length,
         max_response_length=p.max_new_tokens,
         prompts=prompts,
-        pretraining_corpus=unavailable("pretraining corpus"),
-        reward=unavailable("programmatic reward (rewards come from config.pretrained.reward_path)"),
-        generative_logprob=unavailable("generative process"),
         eos_id=tokenizer.eos_id,
     )
 
 
-def reward_model_fn(reward_model) -> RewardFn:
-    """r(x, y) of a sequence-classification checkpoint, read at the last real token of prompt + response."""
-    from bond import models
-
-    def reward(judge_params, tokens, attention_mask, response_mask):
-        del response_mask
-        return models.reward_scores(reward_model, judge_params["reward"], tokens, attention_mask).astype(jnp.float32)
-
-    return reward
-
-
-def no_reward(judge_params, tokens, attention_mask, response_mask) -> jax.Array:
+def no_reward(params, responses: Responses) -> jax.Array:
     """Runs without a reward model (WIND on a pair scorer): every reward is 0."""
-    del judge_params, attention_mask, response_mask
-    return jnp.zeros(tokens.shape[:1], jnp.float32)
-
-
-def pair_scorer_from_checkpoint(preference_model, prompt_length: int, separator: list[int]) -> PairJudge:
-    """The PairRM slot filled by a sequence-classification checkpoint on x ⊕ y ⊕ separator ⊕ y'."""
-    from bond import models
-
-    logit = lambda params, tokens, attention: models.reward_scores(preference_model, params, tokens, attention)
-    return pair_scorer_judge(logit, prompt_length, separator)
+    del params
+    return jnp.zeros(responses.tokens.shape[:1], jnp.float32)
 
 
 def check_lengths(model, p: ml_collections.ConfigDict, what: str, length: int) -> None:
@@ -176,7 +146,7 @@ def load_pretrained_task(config: ml_collections.ConfigDict, mesh=None, log: Call
         separator = tokenizer.encode(p.preference_separator, add_special_tokens=False) if p.preference_separator else []
         check_lengths(preference_model, p, "preference model",
                       p.max_prompt_length + 2 * p.max_new_tokens + len(separator))
-        preference_judge = pair_scorer_from_checkpoint(preference_model, p.max_prompt_length, separator)
+        preference_judge = pair_scorer_judge(reward_model_fn(preference_model), p.max_prompt_length, separator)
     train_prompts, eval_prompts = prompt_sets(p, tokenizer, config.eval.num_prompts)
     log(f"Prompts: {len(train_prompts)} train, {len(eval_prompts)} eval from {p.prompts.source}")
     return PretrainedTask(

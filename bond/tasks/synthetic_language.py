@@ -58,11 +58,12 @@ from bond.tasks import (
     PromptConditionedChain,
     Prompts,
     Sequences,
-    Task,
+    SyntheticTask,
     chain_logprob,
     check_count,
     check_split,
     layout,
+    programmatic_reward,
     prompt_mean,
     sample_categorical,
     sample_chain,
@@ -253,13 +254,13 @@ def preference_corpus(num: int, seed: int, temperature: float = 1.0) -> Preferen
     return PreferenceCorpus(chosen, rejected)
 
 
-TASK = Task(
+TASK = SyntheticTask(
     name="synthetic_language",
     vocab_size=VOCAB_SIZE,
     prompt_length=PROMPT_LENGTH,
     max_response_length=MAX_RESPONSE_LENGTH,
     prompts=prompts,
     pretraining_corpus=pretraining_corpus,
-    reward=gold_reward,
+    reward=programmatic_reward(gold_reward),
     generative_logprob=generative_logprob,
 )

@@ -49,12 +49,13 @@ from bond.tasks import (
     PromptConditionedChain,
     Prompts,
     Sequences,
-    Task,
+    SyntheticTask,
     check_count,
     check_split,
     chain_logprob,
     layout,
     left_pad,
+    programmatic_reward,
     prompt_mean,
     sample_chain,
     split_rows,
@@ -155,13 +156,13 @@ def generative_logprob(tokens: ArrayLike, response_mask: ArrayLike) -> jax.Array
     return chain_logprob(chain(), parts)
 
 
-TASK = Task(
+TASK = SyntheticTask(
     name="toy_language",
     vocab_size=VOCAB_SIZE,
     prompt_length=PROMPT_LENGTH,
     max_response_length=MAX_RESPONSE_LENGTH,
     prompts=prompts,
     pretraining_corpus=pretraining_corpus,
-    reward=reward,
+    reward=programmatic_reward(reward),
     generative_logprob=generative_logprob,
 )
