@@ -45,7 +45,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from bond import sharding
-from bond.checkpoint import Checkpointer, abstract_like, common_steps, install_sigterm_handler, restore_newest_common
+from bond.checkpoint import Checkpointer, abstract_like, install_sigterm_handler, restore_newest_common
 from bond.context import RunContext, Setup, build_context, eval_key
 from bond.evaluation import Evaluator
 from bond.metrics import MetricWriter, NonFiniteLossError, Progress
@@ -221,11 +221,6 @@ def program_key(setup: Setup) -> tuple:
 
 # ---------------------------------------------------------------------------------------------
 # The population run
-
-
-def common_resume_step(checkpointers: Sequence[Checkpointer]) -> int:
-    """The newest step at which every checkpointer has a complete checkpoint (0 if there is none)."""
-    return max(common_steps(checkpointers), default=0)
 
 
 @dataclasses.dataclass

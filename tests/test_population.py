@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bond import population, train
-from bond.checkpoint import Checkpointer
+from bond.checkpoint import Checkpointer, common_steps
 from bond.config_base import load_config, set_field
 from bond.context import build_context
 from bond.metrics import read_metrics
@@ -124,7 +124,7 @@ def test_population_resumes_from_the_common_checkpoint(population_run, cache_dir
     with Checkpointer(killed[0] / "checkpoints", keep=3) as a, \
             Checkpointer(killed[1] / "checkpoints", keep=3) as b:
         assert a.all_steps() == [5, 10] and b.all_steps() == [5]
-        assert population.common_resume_step([a, b]) == 5
+        assert common_steps([a, b]) == [5]
     configs = [tiny(cache_dir, num_devices=2, mesh_shape=(2, 1, 1), **MEMBERS[name]) for name in names]
     population.run_population(configs, killed, QUIET)
     for name, workdir in zip(names, killed):
