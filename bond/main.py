@@ -47,11 +47,11 @@ from pathlib import Path
 
 import ml_collections
 from absl import app, flags
-from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from bond.checkpoint import CheckpointError
 from bond.config_base import load_config
+from bond.metrics import quiet_library_logging
 from bond.validation import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "j_bond.py"
@@ -313,17 +313,6 @@ def default_workdir(algorithm: str) -> Path:
     """A fresh run folder runs/<algorithm>-<date>-<time>."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{algorithm}-{stamp}"
-
-
-def quiet_library_logging() -> None:
-    """Library logging at WARNING unless --verbosity (-v) was given on the command line.
-
-    absl's app.run raises an unset --verbosity to 0 (INFO) once the flags are parsed, and the
-    libraries log through absl's handler on the root logger: orbax alone writes about fifteen INFO
-    lines per checkpoint. The run's own output is printed, not logged, so it is unaffected.
-    """
-    if not flags.FLAGS["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 # Which way each KL of the summary table goes (bond/exact.py `exact_metrics`).

@@ -458,3 +458,17 @@ class Progress:
         else:
             self._stream.write(line + "\n")
         self._stream.flush()
+
+
+def quiet_library_logging() -> None:
+    """Library logging at WARNING unless --verbosity (-v) was given on the command line.
+
+    absl's app.run raises an unset --verbosity to 0 (INFO) once the flags are parsed, and the
+    libraries log through absl's handler on the root logger: orbax alone writes about fifteen INFO
+    lines per checkpoint. The run's own output is printed, not logged, so it is unaffected.
+    """
+    from absl import flags
+    from absl import logging as absl_logging
+
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)

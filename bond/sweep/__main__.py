@@ -15,7 +15,7 @@ from bond.sweep.spec import plan_sweep
 def main(argv: Sequence[str]) -> None:
     from absl import flags
 
-    from bond.main import quiet_library_logging
+    from bond.metrics import quiet_library_logging
     from bond.validation import ConfigError
 
     del argv
