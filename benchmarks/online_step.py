@@ -233,7 +233,7 @@ def time_algorithm(workload: dict, prompts: np.ndarray, name: str, peak_gflops: 
     length = sampling["max_new_tokens"]
     batch = setup.config.batch_size
     context = assemble(setup, init_params(setup.model, jax.random.key(0)))
-    state, fixed, traced, step_batch = context.state, context.fixed, context.traced, context.batch(0)
+    state, fixed, traced, step_batch = context.state, context.fixed, context.traced, context.batch(0, logging=False)
     result = {"algorithm": name, "registered_as": ALGORITHMS[name], "workload": workload["name"],
               "prompts": batch, "samples_per_prompt": {"policy": setup.plan.policy, "anchor": setup.plan.anchor,
                                                        "reference": setup.plan.reference},

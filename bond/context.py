@@ -215,6 +215,11 @@ def _first_on_process_zero(make: Callable[[], Any], name: str) -> Any:
 # The run context
 
 
+def is_logging_step(step: int, config) -> bool:
+    """Whether a run writes train metrics after `step` steps (every log_every-th and the last)."""
+    return step % config.log_every == 0 or step == config.steps
+
+
 @dataclasses.dataclass
 class RunContext:
     """Everything one run needs, assembled once from its config (see the module docstring).
@@ -236,15 +241,19 @@ class RunContext:
     def config(self) -> ml_collections.FrozenConfigDict:
         return self.setup.config
 
-    def batch(self, step: int) -> Batch:
-        """Step `step`'s prompts, placed as `shardings.batch` says (this process's rows of them)."""
+    def batch(self, step: int, logging: Optional[bool] = None) -> Batch:
+        """The input of the step that takes the state from `step` to `step + 1` steps: its prompts
+        (this process's rows of them), placed as `shardings.batch` says, and whether its metrics are
+        written (default: `is_logging_step(step + 1, config)`, as `bond.train.run` logs)."""
         c = self.config
         rows = batch_rows(step, c.batch_size, len(self.prompt_source))
         prompts = read_prompt_rows(self.prompt_source, rows)
         target = self.shardings.batch.prompts
         local = sharding.local_batch_rows(target, c.batch_size)
-        return Batch(*sharding.host_local_to_global(
-            (prompts.tokens[local], prompts.mask[local], rows[local].astype(np.int32)), target))
+        tokens, mask, rows = sharding.host_local_to_global(
+            (prompts.tokens[local], prompts.mask[local], rows[local].astype(np.int32)), target)
+        logging = is_logging_step(step + 1, c) if logging is None else logging
+        return Batch(tokens, mask, rows, sharding.place(np.bool_(logging), self.shardings.batch.logging))
 
     @functools.cached_property
     def step(self) -> Callable[[TrainState, Batch, Fixed, Traced], tuple[TrainState, dict]]:

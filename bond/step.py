@@ -58,22 +58,27 @@ class TrainState(NamedTuple):
 
 
 class Batch(NamedTuple):
-    """The step's prompts: rows [t·B, (t+1)·B) of the train prompt stream (see `prompt_rows`).
+    """What step t reads that changes from step to step: its prompts, rows [t·B, (t+1)·B) of the
+    train prompt stream (`bond.tasks.prompts.batch_rows`), and whether its metrics are written.
 
-    Split over the mesh's batch axes in a single run; shared (population axis None) by the
-    members of a population, which all train on the same prompts.
+    The prompts are split over the mesh's batch axes in a single run; everything is shared
+    (population axis None) by the members of a population, which train on the same prompts.
+    `logging` is an input rather than a function of the step counter, so that the compiled step
+    does not depend on the run's length or logging period: runs that differ only in their budget
+    share one program.
     """
 
     prompts: jax.Array  # [B, P] int32, left-padded
     prompt_mask: jax.Array  # [B, P] int32
     prompt_rows: jax.Array  # [B] int32: each prompt's row in the train set (indexes Traced.reference_samples)
+    logging: jax.Array  # bool scalar: the run writes this step's metrics (the metric-only passes run)
 
     population_axis = None
 
     @staticmethod
     def shardings(mesh: jax.sharding.Mesh, split: bool = True) -> Batch:
-        one = sharding.batch_sharding(mesh) if split else sharding.replicated(mesh)
-        return Batch(one, one, one)
+        rows = sharding.batch_sharding(mesh) if split else sharding.replicated(mesh)
+        return Batch(rows, rows, rows, sharding.replicated(mesh))
 
 
 class Fixed(NamedTuple):
@@ -303,13 +308,12 @@ def step_metrics(loss, loss_metrics, grads, drawn: Drawn,
 def make_train_step(setup: Setup) -> Callable[[TrainState, Batch, Fixed, Traced], tuple[TrainState, dict]]:
     """The step (state, batch, fixed, traced) → (state, metrics), the phases above in order.
 
-    Metrics are complete on the steps `bond.train.run` logs (every config.log_every-th and the
-    last); elsewhere a KL-to-reference estimate whose log-prob pass the loss does not read (the
-    algorithm declares what it reads, `Algorithm.reads`) is NaN and its pass skipped."""
+    Metrics are complete on the steps whose `batch.logging` is set (`bond.train.run` sets it on the
+    steps it logs); elsewhere a KL-to-reference estimate whose log-prob pass the loss does not read
+    (the algorithm declares what it reads, `Algorithm.reads`) is NaN and its pass skipped."""
     plan, algorithm = setup.plan, setup.algorithm
     optimizer = make_optimizer(setup.config)
     period = int(setup.config.anchor.period)
-    log_every, num_steps = int(setup.config.log_every), int(setup.config.steps)
 
     def step(state: TrainState, batch: Batch, fixed: Fixed, traced: Traced) -> tuple[TrainState, dict]:
         hp, prompt_length = traced.hparams, batch.prompts.shape[1]
@@ -336,14 +340,12 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, Batch, Fixed, Traced]
         first_bad = jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss), state.step, state.nonfinite_step)
 
         # Reference log-probs that only the metrics read are computed on the steps that log them.
-        logging = ((state.step + 1) % log_every == 0) | (state.step + 1 == num_steps)
-
         def kl_ref_estimate(name: str, samples: Samples) -> jax.Array:
             if samples.ref_logp is not None:
                 return jnp.mean(samples.sampler_logp - samples.ref_logp)
             estimate = lambda: jnp.mean(
                 samples.sampler_logp - policy_logprobs(setup, fixed.reference, samples, prompt_length))
-            return jax.lax.cond(logging, estimate, lambda: jnp.float32(jnp.nan))
+            return jax.lax.cond(batch.logging, estimate, lambda: jnp.float32(jnp.nan))
 
         metrics = step_metrics(loss, loss_metrics, grads, drawn, kl_ref_estimate)
         return TrainState(state.step + 1, params, anchor_params, opt_state, first_bad), metrics

@@ -22,16 +22,11 @@ import ml_collections
 
 from bond import sharding
 from bond.checkpoint import Checkpointer, abstract_like, install_sigterm_handler
-from bond.context import build_context, eval_key
+from bond.context import build_context, eval_key, is_logging_step
 from bond.evaluation import Evaluator
 from bond.metrics import MetricWriter, Progress, check_finite, read_metrics
 from bond.plots import plot_run, write_reference_front
 from bond.step import TrainState
-
-
-def is_logging_step(step: int, config) -> bool:
-    """Whether `run` writes train metrics after `step` steps (every log_every-th and the last)."""
-    return step % config.log_every == 0 or step == config.steps
 
 
 def is_eval_step(step: int, config) -> bool:

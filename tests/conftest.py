@@ -15,9 +15,17 @@ import os
 import tempfile
 from pathlib import Path
 
-for _flag in ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"):
-    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int = 1) -> str:
+    """XLA_FLAGS for a process a test launches: `devices` CPU devices, compiled as the tests compile."""
+    fake = f" --xla_force_host_platform_device_count={devices}" if devices > 1 else ""
+    return COMPILE_FLAGS + fake
+
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "bond-tests-jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 

@@ -27,6 +27,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import online_step  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+from conftest import xla_flags
 
 MACHINE_KEYS = {"backend", "cpu_count", "load_average_1m", "jax"}
 ONLINE_STEP_KEYS = MACHINE_KEYS | {
@@ -43,7 +44,7 @@ EXACT_EVAL_KEYS = MACHINE_KEYS | {
 def _run(script: str, *args: str) -> list[dict]:
     """Runs benchmarks/<script> in a fresh process (one CPU device) and parses its stdout's JSON lines."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+    env["XLA_FLAGS"] = xla_flags()
     done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
                           env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -22,6 +22,7 @@ import distributed_worker as worker
 from bond import train
 from bond.config_base import load_config, set_field
 from bond.metrics import read_metrics
+from conftest import xla_flags
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 NUM_PROCESSES = 2
@@ -35,7 +36,7 @@ def _free_port() -> int:
 
 
 def _worker_env() -> dict[str, str]:
-    return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+    return dict(os.environ, XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu",
                 JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
 
 

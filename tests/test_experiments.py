@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from experiments.all import EXPERIMENTS
+from conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def quick_results(tmp_path_factory) -> Path:
         os.environ, BOND_CACHE=str(out / "cache"), MPLBACKEND="Agg",
         JAX_COMPILATION_CACHE_DIR=str(out / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2",
     )
-    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "").strip()
+    env["XLA_FLAGS"] = xla_flags()
     result = subprocess.run(
         [sys.executable, "-m", "experiments.all", "--quick", "--out", str(out / "results")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,

@@ -38,6 +38,7 @@ from bond.config_base import load_config
 from bond.metrics import read_metrics
 from bond.validation import ConfigError, validate
 from test_distributed import WORKER, _free_port, _run_processes, _worker_env
+from conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 J_BOND = ROOT / "configs" / "j_bond.py"
@@ -331,7 +332,7 @@ def test_fault_cli_mistakes_end_in_one_line_and_exit_status_2(tmp_path):
         "bad type": ([f"--config={J_BOND}:quick", "--config.steps=abc"], "config.steps takes an int"),
         "unwritable workdir": ([f"--config={J_BOND}:quick", f"--workdir={file / 'run'}"], "cannot be written"),
     }
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(), "JAX_PLATFORMS": "cpu"}
     procs = {
         name: subprocess.Popen([sys.executable, "-m", "bond.main", f"--workdir={tmp_path / name}", *args],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -25,6 +25,7 @@ from absl import app
 from bond import main, train
 from bond.checkpoint import Checkpointer
 from bond.metrics import Progress
+from conftest import xla_flags
 
 def run(config, workdir):
     with Checkpointer(workdir / "checkpoints", save_every=1, keep=1) as checkpointer:
@@ -41,7 +42,7 @@ _ABSL_INFO_LINE = re.compile(r"^I\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]", re.M
 
 
 def _run_main(tmp_path: Path, *flags: str) -> str:
-    env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", _MAIN_WITH_STAND_IN_RUN, f"--workdir={tmp_path / 'run'}",
          f"--config.cache_dir={tmp_path / 'cache'}", *flags],

@@ -16,6 +16,7 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -43,7 +44,7 @@ def execute(name: str, workdir: Path, cache: Path) -> nbformat.NotebookNode:
         "BOND_CACHE": str(cache),
         "JAX_COMPILATION_CACHE_DIR": str(cache / "jax_compilation"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "XLA_FLAGS": "",  # one CPU device: conftest's eight fake devices are for the sharding tests
+        "XLA_FLAGS": xla_flags(),  # one CPU device: conftest's eight fake devices are for the sharding tests
     }
     env.pop("BOND_NOTEBOOK_RUNS", None)
     client = NotebookClient(

@@ -25,6 +25,7 @@ from bond.models import response_rows
 from bond.step import make_train_step
 from bond.metrics import NonFiniteLossError, read_metrics
 from bond.validation import ConfigError, validate
+from conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {name: ROOT / "configs" / f"{name}.py" for name in algorithms.names() if (ROOT / "configs" / f"{name}.py").exists()}
@@ -80,7 +81,7 @@ def test_reward_rises(name, cache_dir, tmp_path):
 
 def run_cli(args, cache_dir, **kwargs):
     env = {**os.environ, "BOND_CACHE": cache_dir, "PYTHONUNBUFFERED": "1"}
-    env["XLA_FLAGS"] = ""  # a plain single-device process
+    env["XLA_FLAGS"] = xla_flags()  # a plain single-device process
     return subprocess.Popen([sys.executable, "-m", "bond.main", *args], env=env, cwd=ROOT, **kwargs)
 
 
@@ -201,12 +202,14 @@ def test_reference_passes_only_the_metrics_read_run_on_logging_steps_only(cache_
     algorithm declared to read every pass (`reads=None`), which computes them at every step."""
     context = build_context(tiny("j_bond", cache_dir, log_every=2), log=lambda _: None)
     setup = context.setup
-    batch = context.batch(0)
+    first_batch, second_batch = context.batch(0), context.batch(1)
+    assert not first_batch.logging and second_batch.logging  # log_every=2: step 2 is logged, step 1 not
     step = jax.jit(make_train_step(setup))
-    state1, first = step(context.state, batch, context.fixed, context.traced)
-    _, logged = step(state1, batch, context.fixed, context.traced)
+    state1, first = step(context.state, first_batch, context.fixed, context.traced)
+    _, logged = step(state1, second_batch, context.fixed, context.traced)
     reads_all = dataclasses.replace(setup, algorithm=dataclasses.replace(setup.algorithm, reads=None))
-    _, always = jax.jit(make_train_step(reads_all))(state1, batch, context.fixed, context.traced)
+    _, always = jax.jit(make_train_step(reads_all))(state1, second_batch._replace(logging=first_batch.logging),
+                                                    context.fixed, context.traced)
     for name in ("policy_kl_ref_estimate", "anchor_kl_ref_estimate"):
         assert np.isnan(first[name])  # step 1 of log_every=2: not logged, not computed
         assert np.isfinite(always[name]) and always[name] != 0
