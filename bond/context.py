@@ -30,6 +30,7 @@ import numpy as np
 
 from bond import algorithms, sharding, stages
 from bond.algorithms import Algorithm, Samples, SamplingPlan
+from bond.checkpoint import abstract_like
 from bond.models import PairJudge, RewardFn, TransformerConfig, reward_model_fn
 from bond.step import (
     Batch, Fixed, StepShardings, Traced, TrainState, compile_train_step, draw_samples, init_state, state_shardings,
@@ -72,8 +73,13 @@ def anchor_kind(config, algorithm: Algorithm) -> str:
     return "none" if algorithm.anchor == "none" else config.anchor.kind
 
 
-def make_setup(config: ml_collections.ConfigDict, log: Callable[[str], None] = print) -> tuple[Setup, Any]:
-    """Validates the config, builds (or loads) the reference and reward models; → (Setup, ref params)."""
+def make_setup(config: ml_collections.ConfigDict, log: Callable[[str], None] = print, *,
+               abstract: bool = False) -> tuple[Setup, Any]:
+    """Validates the config, builds (or loads) the reference and reward models; → (Setup, ref params).
+
+    abstract: the models' shapes and dtypes only (jax.ShapeDtypeStruct leaves): nothing is trained
+      or read, for compiling the run's programs ahead of time (`assemble` then builds an abstract run).
+    """
     validate(config)
     algorithm = algorithms.get_algorithm(config.algorithm)
     if any(name not in config.algo for name in algorithm.extra_knobs):  # knobs of an algorithm registered later
@@ -81,8 +87,13 @@ def make_setup(config: ml_collections.ConfigDict, log: Callable[[str], None] = p
         config.algo = algorithm.with_defaults(config.algo)
     mesh = sharding.make_mesh(config.mesh_shape, devices=jax.devices()[: config.num_devices or None])
     sharding.check_batch_divides(config.batch_size, mesh, field="config.batch_size")
-    build = _pretrained_setup if config.task == pretrained_task.TASK_NAME else _builtin_setup
-    setup, ref_params = build(config, algorithm, mesh, log)
+    if config.task == pretrained_task.TASK_NAME:
+        if abstract:
+            raise NotImplementedError("an abstract run of task 'pretrained' needs the checkpoint's shapes without "
+                                      "its weights, which the loader does not give yet; use a built-in task.")
+        setup, ref_params = _pretrained_setup(config, algorithm, mesh, log)
+    else:
+        setup, ref_params = _builtin_setup(config, algorithm, mesh, log, abstract)
     if config.min_new_tokens > setup.task.max_response_length:
         raise ConfigError(
             f"config.min_new_tokens={config.min_new_tokens} exceeds the task's response length "
@@ -112,13 +123,14 @@ def _pretrained_setup(config, algorithm: Algorithm, mesh, log) -> tuple[Setup, A
     return setup, loaded.params
 
 
-def _builtin_setup(config, algorithm: Algorithm, mesh, log) -> tuple[Setup, Any]:
+def _builtin_setup(config, algorithm: Algorithm, mesh, log, abstract: bool = False) -> tuple[Setup, Any]:
     """A built-in task: the reference pretrained (SFT) on its corpus, its reward or a proxy reward model."""
     task = get_task(config.task)
-    model, ref_params = stages.pretrained_reference(config, task, log)
+    model, ref_params = stages.pretrained_reference(config, task, log, abstract=abstract)
     reward_fn, judge_params = task.reward, None
     if config.reward_model.use_proxy:
-        rm_model, rm_params = stages.proxy_reward_model(config, task, synthetic_language.preference_corpus, log)
+        rm_model, rm_params = stages.proxy_reward_model(config, task, synthetic_language.preference_corpus, log,
+                                                        abstract=abstract)
         judge_params = _on_mesh({"reward": rm_params}, mesh)
         reward_fn = reward_model_fn(rm_model)
 
@@ -150,11 +162,15 @@ def _mesh_sharding(x, mesh):
 
 
 def _on_mesh(tree, mesh):
-    """`tree` placed on `mesh`: leaves already there stay, the others (held in full by every process) are replicated."""
-    return jax.tree.map(
-        lambda x: x if _mesh_sharding(x, mesh) is getattr(x, "sharding", None) else sharding.place(x, sharding.replicated(mesh)),
-        tree,
-    )
+    """`tree` placed on `mesh`: leaves already there stay, the others (held in full by every process) are
+    replicated; abstract leaves (jax.ShapeDtypeStruct) get the sharding they would have."""
+
+    def put(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_mesh_sharding(x, mesh))
+        return x if _mesh_sharding(x, mesh) is getattr(x, "sharding", None) else sharding.place(x, sharding.replicated(mesh))
+
+    return jax.tree.map(put, tree)
 
 
 def train_prompt_source(setup: Setup):
@@ -236,6 +252,7 @@ class RunContext:
     traced: Traced
     prompt_source: Sequence
     local_reference: Any
+    abstract: bool = False  # arrays are jax.ShapeDtypeStructs (for compiling ahead of time)
 
     @property
     def config(self) -> ml_collections.FrozenConfigDict:
@@ -253,7 +270,8 @@ class RunContext:
         tokens, mask, rows = sharding.host_local_to_global(
             (prompts.tokens[local], prompts.mask[local], rows[local].astype(np.int32)), target)
         logging = is_logging_step(step + 1, c) if logging is None else logging
-        return Batch(tokens, mask, rows, sharding.place(np.bool_(logging), self.shardings.batch.logging))
+        batch = Batch(tokens, mask, rows, sharding.place(np.bool_(logging), self.shardings.batch.logging))
+        return abstract_like(batch, self.shardings.batch) if self.abstract else batch
 
     @functools.cached_property
     def step(self) -> Callable[[TrainState, Batch, Fixed, Traced], tuple[TrainState, dict]]:
@@ -266,8 +284,10 @@ class RunContext:
         if not uses_reference_cache(self.setup):
             return None
         if seed not in self._reference_samples:
-            self._reference_samples[seed] = build_reference_cache(
-                self.setup, self.local_reference, self.prompt_source, reference_cache_key(seed))
+            build = functools.partial(build_reference_cache, self.setup, prompt_source=self.prompt_source,
+                                      key=reference_cache_key(seed))
+            self._reference_samples[seed] = (
+                jax.eval_shape(build, self.local_reference) if self.abstract else build(self.local_reference))
         return self._reference_samples[seed]
 
     def traced_for(self, config: ml_collections.ConfigDict) -> Traced:
@@ -279,10 +299,13 @@ class RunContext:
 
 
 def build_context(config: ml_collections.ConfigDict, log: Callable[[str], None] = print, *,
-                  split_batch: bool = True) -> RunContext:
+                  split_batch: bool = True, abstract: bool = False) -> RunContext:
     """Assembles the run of `config`: validates it, builds (or loads) the models (`make_setup`),
-    then `assemble`s the run around them."""
-    setup, ref_params = make_setup(config, log)
+    then `assemble`s the run around them. With `abstract`, every array of the run is a
+    jax.ShapeDtypeStruct carrying its sharding (nothing trained, loaded or drawn): the real run's
+    step, compiled ahead of time, `context.step.lower(context.state, context.batch(0),
+    context.fixed, context.traced).compile()`, gives its memory and cost analyses."""
+    setup, ref_params = make_setup(config, log, abstract=abstract)
     return assemble(setup, ref_params, split_batch=split_batch)
 
 
@@ -293,7 +316,8 @@ def assemble(setup: Setup, ref_params, *, split_batch: bool = True) -> RunContex
     split_batch: split each step's prompts over the mesh's batch axes (a single run); False keeps
       them whole on every device (a population, whose members are split over the 'data' axis instead).
     """
-    state = init_state(setup, ref_params)
+    abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(ref_params))
+    state = jax.eval_shape(functools.partial(init_state, setup), ref_params) if abstract else init_state(setup, ref_params)
     state_sh = state_shardings(setup, state)
     rep = sharding.replicated(setup.mesh)
     shardings = StepShardings(
@@ -302,14 +326,16 @@ def assemble(setup: Setup, ref_params, *, split_batch: bool = True) -> RunContex
         fixed=Fixed(state_sh.params, judge_shardings(setup)),
         traced=Traced(rep, rep, rep),
     )
-    state = sharding.place(state, state_sh)
-    ref_params = sharding.place(ref_params, state_sh.params)
+    place = (lambda tree, where: abstract_like(tree, where)) if abstract else sharding.place
+    state = place(state, state_sh)
+    ref_params = place(ref_params, state_sh.params)
     prompt_source = _first_on_process_zero(lambda: train_prompt_source(setup), "bond.context:prompts")
     if len(prompt_source) == 0:
         raise ConfigError("the train prompt set is empty; point the config's prompt source at a non-empty split.")
     context = RunContext(
         setup=setup, state=state, shardings=shardings, fixed=Fixed(ref_params, setup.judge_params),
-        traced=Traced({}, None), prompt_source=prompt_source, local_reference=sharding.process_local(ref_params),
+        traced=Traced({}, None), prompt_source=prompt_source,
+        local_reference=ref_params if abstract else sharding.process_local(ref_params), abstract=abstract,
     )
-    context.traced = sharding.place(context.traced_for(setup.config), rep)
+    context.traced = place(context.traced_for(setup.config), rep)
     return context

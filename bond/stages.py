@@ -173,10 +173,12 @@ def _minibatch(arrays: tuple[np.ndarray, ...], batch_size: int, seed: int) -> Ca
 
 
 def pretrained_reference(
-    config: ml_collections.ConfigDict, task: SyntheticTask, log: Callable[[str], None] = print
+    config: ml_collections.ConfigDict, task: SyntheticTask, log: Callable[[str], None] = print,
+    abstract: bool = False,
 ) -> tuple[TransformerConfig, Any]:
     """The reference policy π_ref: the model of `config.model` fitted by maximum likelihood to
-    the responses of the task's pretraining corpus (SFT), cached. Returns (model config, params).
+    the responses of the task's pretraining corpus (SFT), cached. Returns (model config, params);
+    with `abstract`, the parameters' shapes and dtypes only (jax.ShapeDtypeStruct), nothing trained.
 
     Loss: −Σ_t log π(y_t | x, y_<t) over response tokens (EOS included) / number of such tokens.
     """
@@ -199,14 +201,17 @@ def pretrained_reference(
         return _adam_steps(loss_fn, params, _minibatch(arrays, r.batch_size, r.seed), r.learning_rate, r.steps, log,
                            "reference")
 
-    return model, _cached(path, spec, build, jax.eval_shape(init_params, model, jax.random.key(r.seed)))
+    shapes = jax.eval_shape(init_params, model, jax.random.key(r.seed))
+    return model, shapes if abstract else _cached(path, spec, build, shapes)
 
 
 def proxy_reward_model(
-    config: ml_collections.ConfigDict, task: Task, preference_corpus: Callable, log: Callable[[str], None] = print
+    config: ml_collections.ConfigDict, task: Task, preference_corpus: Callable, log: Callable[[str], None] = print,
+    abstract: bool = False,
 ) -> tuple[TransformerConfig, Any]:
     """A learned proxy reward: a reward model (transformer trunk + scalar head) fitted with the
     Bradley–Terry loss −log σ(r(chosen) − r(rejected)) to gold-labelled preference pairs, cached.
+    With `abstract`, its parameters' shapes and dtypes only, nothing trained.
 
     `preference_corpus(num, seed)` returns pairs with `.chosen` and `.rejected` Sequences.
     """
@@ -230,4 +235,5 @@ def proxy_reward_model(
         return _adam_steps(loss_fn, params, _minibatch(arrays, rm.batch_size, rm.seed), rm.learning_rate, rm.steps,
                            log, "reward model")
 
-    return model, _cached(path, spec, build, jax.eval_shape(init_reward_params, model, jax.random.key(rm.seed)))
+    shapes = jax.eval_shape(init_reward_params, model, jax.random.key(rm.seed))
+    return model, shapes if abstract else _cached(path, spec, build, shapes)

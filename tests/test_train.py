@@ -319,3 +319,19 @@ def test_reference_cache_holds_each_train_prompts_own_samples(cache_dir):
     np.testing.assert_allclose(cache.rewards.reshape(-1), rewards, rtol=1e-6)
     again = build_reference_cache(setup, ref_params, source, key, chunk=1000)
     np.testing.assert_array_equal(again.tokens, cache.tokens)
+
+
+def test_abstract_run_context_lowers_the_real_step(cache_dir):
+    """`build_context(config, abstract=True)` trains, loads and draws nothing, yet its step lowers to
+    the same program as the real run's, and compiles ahead of time with a memory analysis. (BOND:
+    its per-prompt reference samples are abstract too.)"""
+    config = tiny("bond", cache_dir)
+    real = build_context(config, log=lambda _: None)
+    abstract = build_context(config, log=lambda _: None, abstract=True)
+    leaves = jax.tree.leaves((abstract.state, abstract.batch(0), abstract.fixed, abstract.traced))
+    assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None for x in leaves)
+    assert abstract.traced.reference_samples.tokens.shape == real.traced.reference_samples.tokens.shape
+    lowered = abstract.step.lower(abstract.state, abstract.batch(0), abstract.fixed, abstract.traced)
+    assert lowered.as_text() == real.step.lower(real.state, real.batch(0), real.fixed, real.traced).as_text()
+    memory = lowered.compile().memory_analysis()
+    assert memory.argument_size_in_bytes > 0 and memory.temp_size_in_bytes > 0
