@@ -77,6 +77,8 @@ class LossInputs(NamedTuple):
     # Samples [B, S, T] → P[b, i, j] = P(y_i ≻ y_j | x_b) [B, S, S] from the run's pair judge (a
     # preference model); None: the run has none and preferences come from rewards (`preferences`).
     pair_judge: Optional[Callable[[Samples], jax.Array]] = None
+    # The algorithm's state carried across steps (`Algorithm.init_state`), None for algorithms without one.
+    algo_state: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,18 +355,31 @@ def mean_decidedness(pref: jax.Array) -> jax.Array:
     return jnp.sum(jnp.abs(pref - 0.5) * off) / jnp.maximum(jnp.sum(off) * pref.shape[0], 1.0)
 
 
-def _wind_loss(variant: Optional[str]) -> LossFn:
+def _wind_loss(*, iteration_anchor: bool) -> LossFn:
+    """WIND (bond.losses.wind) on a prompt's S samples of π_t, fitting one exact step from π_t.
+
+    iteration_anchor=True is WIND as published (Yang et al. 2024): π_t is the anchor, held fixed
+    for an iteration of config.anchor.period steps (a hard anchor), the samples are drawn from it
+    and log π_t is its log-probability; the parameters fit the exact mirror-descent step from π_t
+    (`bond.tabular.wind_step`, with the paper's η and β) and the next iteration starts from the
+    result. False is one-step self-play: π_t = stop_gradient(π_θ) on the policy's own samples. Its
+    expected gradient is then parallel to the policy gradient of E_π[W_π] − β·KL(π‖π_ref) for every
+    η, so under Adam η has no effect: a different method (design notes, ALGORITHMS.md §4).
+    """
+
     def loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
-        logp = inputs.policy_logp(inputs.policy)
-        pref = preferences(inputs, inputs.policy)
+        samples = inputs.anchor if iteration_anchor else inputs.policy
+        logp = inputs.policy_logp(samples)
+        logp_t = samples.anchor_logp if iteration_anchor else jax.lax.stop_gradient(logp)
+        pref = preferences(inputs, samples)
         value, metrics = losses.wind(
             logp,
-            jax.lax.stop_gradient(logp),  # π_t is the policy that drew the samples
-            inputs.policy.ref_logp,
+            logp_t,
+            samples.ref_logp,
             pref,
             eta=inputs.hp["wind_eta"],
             beta=inputs.hp["wind_beta"],
-            variant=variant or inputs.algo.wind_variant,
+            variant=inputs.algo.wind_variant,
         )
         return value, {**metrics, "preference_decidedness": mean_decidedness(pref)}
 
@@ -460,10 +475,17 @@ register(Algorithm(
     "j_bond", plan=lambda algo: SamplingPlan(policy=algo.num_samples, anchor=2), loss=_j_bond_loss, anchor="ema",
     knobs=("beta", "gamma", "num_samples"), reads=("policy.anchor_logp",), paper=BOND + ", §6",
 ))
+WIND = "arXiv 2410.20727 (Yang et al. 2024)"
+_WIND_KNOBS = ("num_samples", "wind_eta", "wind_beta", "wind_variant", "preference")
 register(Algorithm(
-    "wind", plan=_policy_plan, loss=_wind_loss(None), validate=_need_pairs,
-    knobs=("num_samples", "wind_eta", "wind_beta", "wind_variant", "preference"), reads=("policy.ref_logp",),
-    paper="arXiv 2410.20727 (Yang et al. 2024)",
+    "wind", plan=lambda algo: SamplingPlan(anchor=algo.num_samples), loss=_wind_loss(iteration_anchor=True),
+    anchor="hard", validate=_need_pairs, knobs=_WIND_KNOBS, reads=("anchor.anchor_logp", "anchor.ref_logp"),
+    paper=WIND + ": π_t an anchor held for an iteration of config.anchor.period steps",
+))
+register(Algorithm(
+    "wind_self_play", plan=_policy_plan, loss=_wind_loss(iteration_anchor=False), validate=_need_pairs,
+    knobs=_WIND_KNOBS, reads=("policy.ref_logp",),
+    paper=WIND + "'s losses with π_t = stop_gradient(π_θ): one-step self-play, not the paper's method",
 ))
 register(Algorithm(
     "reinforce", plan=_policy_plan, loss=_reinforce_loss, knobs=("num_samples", "kl_coef"), reads=("policy.ref_logp",),
