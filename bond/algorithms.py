@@ -158,6 +158,8 @@ KNOBS: dict[str, Knob] = {
     "kl_coef": Knob(0.05, "β of REINFORCE's KL(π‖π_ref) penalty", number_in(0)),
     "pref_beta": Knob(0.1, "β of DPO / IPO / SPPO", number_in(0, low_open=True)),
     "wind_eta": Knob(1.0, "WIND step size η", number_in(0, low_open=True)),
+    "sppo_eta": Knob(10.0, "iterative SPPO's η: log π_θ − log π_t regresses onto η·(P̂(y ≻ π_t) − ½)",
+                     number_in(0, low_open=True)),
     "wind_beta": Knob(0.1, "WIND KL-to-reference strength β", number_in(0)),
     "wind_variant": Knob("square", "WIND loss", one_of(WIND_VARIANTS)),
     "preference": Knob("hard", "how rewards become P(y ≻ y')", one_of(PREFERENCE_KINDS)),
@@ -386,6 +388,25 @@ def _wind_loss(*, iteration_anchor: bool) -> LossFn:
     return loss
 
 
+def _sppo_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
+    """Iterative SPPO (Wu et al. 2024, arXiv 2405.00675, Alg. 1): on S samples of π_t (the anchor,
+    held fixed for an iteration of config.anchor.period steps), mean of
+    [log π_θ(y_i) − log π_t(y_i) − η·(P̂(y_i ≻ π_t) − ½)]², P̂ the mean of P(y_i ≻ y_j) over the
+    prompt's other samples, an unbiased estimate of y_i's win rate against π_t (the paper averages
+    over all K samples, y_i's own ½ included, which shrinks the estimate towards ½ by (K−1)/K).
+
+    This is WIND's single-sample ('sppo') loss without a reference pull (β = 0, so κ = η): its
+    expected gradient is that of E_{π_t}[(log π_θ − log π_t − η(W_{π_t} − ½))²], the paper's
+    regression with log Z_t replaced by its first-order value η/2.
+    """
+    samples = inputs.anchor
+    logp_t = samples.anchor_logp
+    pref = preferences(inputs, samples)
+    value, metrics = losses.wind(inputs.policy_logp(samples), logp_t, logp_t, pref, eta=inputs.hp["sppo_eta"],
+                                 beta=jnp.zeros_like(inputs.hp["sppo_eta"]), variant="sppo")
+    return value, {**metrics, "preference_decidedness": mean_decidedness(pref)}
+
+
 def _reinforce_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
     return policy_gradient.reinforce(
         inputs.policy_logp(inputs.policy), inputs.policy.ref_logp, inputs.policy.rewards, beta=inputs.hp["kl_coef"]
@@ -494,12 +515,17 @@ register(Algorithm(
 for _name, _fn, _paper in (
     ("dpo", preference.dpo, "arXiv 2305.18290 (online: samples of the policy)"),
     ("ipo", preference.ipo, "arXiv 2310.12036 (online)"),
-    ("sppo", preference.sppo_hard, "arXiv 2405.00675 (hard labels, online)"),
+    ("sppo_hard", preference.sppo_hard, "arXiv 2405.00675 with hard labels and π_ref in place of π_t (TRL's sppo_hard), online"),
 ):
     register(Algorithm(
         _name, plan=_policy_plan, loss=_pairwise_loss(_fn), validate=_need_pairs, knobs=("num_samples", "pref_beta"),
         reads=("policy.ref_logp",), paper=_paper,
     ))
+register(Algorithm(
+    "sppo", plan=lambda algo: SamplingPlan(anchor=algo.num_samples), loss=_sppo_loss, anchor="hard",
+    validate=_need_pairs, knobs=("num_samples", "sppo_eta", "preference"), reads=("anchor.anchor_logp",),
+    paper="arXiv 2405.00675 (Wu et al. 2024), Alg. 1: π_t an anchor refreshed every config.anchor.period steps",
+))
 register(Algorithm(
     "gdcpp", plan=_policy_plan, loss=_gdcpp_loss, validate=_need_pairs, knobs=("num_samples", "target_temperature"),
     reads=("policy.ref_logp",), paper="arXiv 2206.00761 (Korbak et al. 2022)",

@@ -110,3 +110,20 @@ def test_registry_wind_fits_the_exact_step_from_the_iteration_anchor(eta):
         other_eta = algo_config(num_samples=2, wind_eta=eta * 3, wind_beta=beta, wind_variant="square")
         assert np.max(np.abs(expected_gradient("wind", other_eta, step, w))) > 1e-3
         assert np.max(np.abs(expected_gradient("wind_self_play", algo, step, w))) > 1e-3
+
+
+def test_registry_sppo_regresses_onto_the_win_rate_against_the_iterate():
+    """Iterative SPPO (S = 3 samples of π_t = the anchor): the expected gradient is that of
+    (1/B)·Σ_x E_{π_t}[(log π_θ − log π_t − η(W_{π_t} − ½))²], with W_{π_t}(y) = Σ_y' π_t(y')·P(y ≻ y')."""
+    with jax.enable_x64(True):
+        w = world(num_prompts=2)
+        eta = 3.0
+        algo = algo_config(num_samples=3, sppo_eta=eta)
+        theta = w.anchor + jnp.asarray([[0.3, -0.2, 0.1], [0.0, 0.4, -0.1]])
+        win = tabular.win_rates_against(hard_preferences(w.rewards), jnp.exp(w.anchor))
+
+        def objective(t):
+            residual = jax.nn.log_softmax(t) - w.anchor - eta * (win - 0.5)
+            return jnp.mean(jnp.sum(jnp.exp(w.anchor) * residual**2, axis=-1))
+
+        np.testing.assert_allclose(expected_gradient("sppo", algo, theta, w), jax.grad(objective)(theta), atol=1e-12)
