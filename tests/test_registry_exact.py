@@ -127,3 +127,71 @@ def test_registry_sppo_regresses_onto_the_win_rate_against_the_iterate():
             return jnp.mean(jnp.sum(jnp.exp(w.anchor) * residual**2, axis=-1))
 
         np.testing.assert_allclose(expected_gradient("sppo", algo, theta, w), jax.grad(objective)(theta), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# GDC++
+
+
+def gdc_log_normalizers(w: World, temperature: float) -> jax.Array:
+    """log Z_x = log Σ_y π_ref(y|x)·exp(r(x, y)/τ) [B] of the registry's GDC++ target."""
+    return jax.nn.logsumexp(w.ref + w.rewards / temperature, axis=-1)
+
+
+@pytest.mark.parametrize("log_z_hat", [None, 0.7])
+def test_registry_gdcpp_with_a_running_z_follows_the_forward_kl(log_z_hat):
+    """GDC++ through the registry with S = 2 samples per prompt of π_θ and the running Ẑ of the
+    train state (the mean of the two prompts' Z_x, or another value): the expected gradient is
+    (1/B)·Σ_x (Z_x/Ẑ)·∇KL(p_x‖π_θ), p_x ∝ π_ref·exp(r/τ). A Ẑ estimated from the same samples
+    would miss it (relative error ≈ 0.7 at S = 2)."""
+    from bond.losses.distribution_matching import LogZState
+
+    with jax.enable_x64(True):
+        w = world(num_prompts=2)
+        tau = 0.8
+        algo = algo_config(num_samples=2, target_temperature=tau)
+        theta = w.ref + jnp.asarray([[0.5, -0.3, 0.2], [-0.4, 0.1, 0.6]])
+        log_z = gdc_log_normalizers(w, tau)
+        log_z_hat = jnp.log(jnp.mean(jnp.exp(log_z))) if log_z_hat is None else jnp.float64(log_z_hat)
+        state = LogZState(log_sum=log_z_hat + jnp.log(5.0), count=jnp.float64(5.0))  # Ẑ from 5 earlier samples
+        target = jnp.exp(w.ref + w.rewards / tau - log_z[:, None])
+
+        def objective(t):
+            kl = tabular.forward_kl_objective(t, target)
+            return jnp.mean(jnp.exp(log_z - log_z_hat) * kl)
+
+        np.testing.assert_allclose(expected_gradient("gdcpp", algo, theta, w, algo_state=state),
+                                   jax.grad(objective)(theta), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO, IPO
+
+
+def tied_world() -> World:
+    """One prompt, K = 3 responses, two of them with equal rewards."""
+    w = world(num_prompts=1)
+    return w._replace(rewards=jnp.asarray([[0.0, 1.0, 1.0]], jnp.float64))
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo"])
+@pytest.mark.parametrize("make_world", [world, tied_world])
+def test_registry_online_pairs_follow_the_preference_loss_over_decided_pairs(name, make_world):
+    """Online DPO / IPO with S = 2 samples of π_θ: chosen the better, rejected the worse. The expected
+    gradient is that of Σ_{r(y) > r(y')} 2π(y)π(y')·ℓ(h(y) − h(y')) (π held at the sampler, h = log π_θ −
+    log π_ref, ℓ the DPO or IPO loss): pairs of equal reward carry no preference and add nothing."""
+    with jax.enable_x64(True):
+        w = make_world()
+        beta = 0.5
+        algo = algo_config(num_samples=2, pref_beta=beta)
+        theta = w.ref + jnp.asarray([[0.4, -0.5, 0.3]])
+        pi = jax.lax.stop_gradient(jnp.exp(jax.nn.log_softmax(theta)))[0]
+        r = w.rewards[0]
+        ell = {"dpo": lambda d: -jax.nn.log_sigmoid(beta * d), "ipo": lambda d: (d - 0.5 / beta) ** 2}[name]
+
+        def objective(t):
+            h = (jax.nn.log_softmax(t) - w.ref)[0]
+            pairs = 2 * pi[:, None] * pi[None, :] * (r[:, None] > r[None, :])
+            return jnp.sum(pairs * ell(h[:, None] - h[None, :]))
+
+        np.testing.assert_allclose(expected_gradient(name, algo, theta, w), jax.grad(objective)(theta), atol=1e-12)
