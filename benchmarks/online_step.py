@@ -180,7 +180,7 @@ def phase_functions(setup: Setup):
     @jax.jit
     def sample_phase(params, anchor_params, prompts, prompt_mask, key):
         k_policy, k_anchor = jax.random.split(key)
-        policy = sample_responses(setup, params, prompts, prompt_mask, k_policy, plan.policy)
+        policy = sample_responses(setup, params, prompts, prompt_mask, k_policy, plan.policy) if plan.policy else None
         anchor = sample_responses(setup, anchor_params, prompts, prompt_mask, k_anchor, plan.anchor) if plan.anchor else None
         return policy, anchor
 

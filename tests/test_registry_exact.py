@@ -195,3 +195,41 @@ def test_registry_online_pairs_follow_the_preference_loss_over_decided_pairs(nam
             return jnp.sum(pairs * ell(h[:, None] - h[None, :]))
 
         np.testing.assert_allclose(expected_gradient(name, algo, theta, w), jax.grad(objective)(theta), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# REINFORCE, J-BOND
+
+
+def test_registry_reinforce_follows_the_kl_regularized_reward():
+    """REINFORCE (RLOO, S = 3 samples of π_θ): the expected gradient is −∇(E_π[r] − β·KL(π‖π_ref)),
+    averaged over the prompts."""
+    with jax.enable_x64(True):
+        w = world(num_prompts=2)
+        beta = 0.3
+        algo = algo_config(num_samples=3, kl_coef=beta)
+        theta = w.ref + jnp.asarray([[0.4, -0.5, 0.3], [0.1, 0.2, -0.6]])
+
+        def objective(t):
+            log_pi = jax.nn.log_softmax(t)
+            return -jnp.mean(jnp.sum(jnp.exp(log_pi) * (w.rewards - beta * (log_pi - w.ref)), axis=-1))
+
+        np.testing.assert_allclose(expected_gradient("reinforce", algo, theta, w), jax.grad(objective)(theta),
+                                   atol=1e-12)
+
+
+def test_registry_j_bond_follows_its_objective_for_a_fixed_anchor():
+    """J-BOND (one sample of π_θ, two of the anchor per prompt): the expected gradient is that of
+    `tabular.j_bond_objective` (forward KL to Best-of-2 of the anchor, backward term with the
+    J-BOND reward, γ·KL(π‖π_anchor)), averaged over the prompts."""
+    with jax.enable_x64(True):
+        w = world(num_prompts=2)
+        beta, gamma = 0.4, 0.7
+        algo = algo_config(num_samples=1, beta=beta, gamma=gamma)
+        theta = w.anchor + jnp.asarray([[0.4, -0.5, 0.3], [0.1, 0.2, -0.6]])
+
+        def objective(t):
+            return jnp.mean(tabular.j_bond_objective(t, w.anchor, w.rewards, beta=beta, gamma=gamma))
+
+        np.testing.assert_allclose(expected_gradient("j_bond", algo, theta, w), jax.grad(objective)(theta),
+                                   atol=1e-12)
