@@ -106,6 +106,9 @@ def workload_config(workload: dict, algorithm: str) -> ml_collections.ConfigDict
     c.top_k = workload["sampling"]["top_k"]
     c.top_p = workload["sampling"]["top_p"]
     c.min_new_tokens = workload["sampling"]["min_new_tokens"]
+    # Exactly max_new_tokens per response (EOS masked) biases the score-function gradients of
+    # reinforce / j_bond / wind; the benchmark times the step, so it accepts that.
+    c.allow_biased_samples = True
     c.algo.num_samples = workload["sampling"]["n_per_prompt"]
     c.algo.kl_coef = workload["update"]["kl_beta"]
     c.num_devices = 1
@@ -177,7 +180,7 @@ def phase_functions(setup: Setup):
     @jax.jit
     def sample_phase(params, anchor_params, prompts, prompt_mask, key):
         k_policy, k_anchor = jax.random.split(key)
-        policy = sample_responses(setup, params, prompts, prompt_mask, k_policy, plan.policy)
+        policy = sample_responses(setup, params, prompts, prompt_mask, k_policy, plan.policy) if plan.policy else None
         anchor = sample_responses(setup, anchor_params, prompts, prompt_mask, k_anchor, plan.anchor) if plan.anchor else None
         return policy, anchor
 
@@ -200,7 +203,7 @@ def phase_functions(setup: Setup):
     @jax.jit
     def update_phase(state: TrainState, drawn: Drawn, hp, key, judges):
         (loss, _), grads = loss_and_grad(setup, state.params, drawn, hp, key, pair_judge_of(setup, judges),
-                                         prompt_length)
+                                         prompt_length, state.algo_state)
         params, opt_state = optimizer_update(optimizer, state.params, state.opt_state, grads, hp)
         anchor = anchor_update(setup.anchor_kind, state.anchor_params, params, state.step, hp, period)
         return params, opt_state, anchor, loss

@@ -77,6 +77,8 @@ class LossInputs(NamedTuple):
     # Samples [B, S, T] → P[b, i, j] = P(y_i ≻ y_j | x_b) [B, S, S] from the run's pair judge (a
     # preference model); None: the run has none and preferences come from rewards (`preferences`).
     pair_judge: Optional[Callable[[Samples], jax.Array]] = None
+    # The algorithm's state carried across steps (`Algorithm.init_state`), None for algorithms without one.
+    algo_state: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +104,16 @@ PREFERENCE_KINDS = ("hard", "bradley_terry")
 # The fixed log-prob fields of a sample set a loss may read.
 FIXED_LOGPROBS = ("ref_logp", "anchor_logp")
 SAMPLE_SETS = ("policy", "anchor", "reference")
+
+
+# The metrics key under which a loss returns its algorithm's next state (`Algorithm.init_state`).
+ALGO_STATE = "algo_state"
+
+
+def split_algo_state(metrics: dict[str, Any], state: Any) -> tuple[dict[str, Any], Any]:
+    """(the loss's metrics without its next state, the next state): `state` unchanged when the loss returns none."""
+    metrics = dict(metrics)
+    return metrics, metrics.pop(ALGO_STATE, state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +168,8 @@ KNOBS: dict[str, Knob] = {
     "kl_coef": Knob(0.05, "β of REINFORCE's KL(π‖π_ref) penalty", number_in(0)),
     "pref_beta": Knob(0.1, "β of DPO / IPO / SPPO", number_in(0, low_open=True)),
     "wind_eta": Knob(1.0, "WIND step size η", number_in(0, low_open=True)),
+    "sppo_eta": Knob(10.0, "iterative SPPO's η: log π_θ − log π_t regresses onto η·(P̂(y ≻ π_t) − ½)",
+                     number_in(0, low_open=True)),
     "wind_beta": Knob(0.1, "WIND KL-to-reference strength β", number_in(0)),
     "wind_variant": Knob("square", "WIND loss", one_of(WIND_VARIANTS)),
     "preference": Knob("hard", "how rewards become P(y ≻ y')", one_of(PREFERENCE_KINDS)),
@@ -184,6 +198,14 @@ class Algorithm:
       "policy.anchor_logp", "reference.ref_logp", ...); the step computes only those (and the free
       ones, the sampler's own log-probs). None: every pass of every set (always correct, slower).
     validate: optional extra config checks across knobs; raise ValueError naming the field.
+    needs_on_policy_samples: its gradient estimate assumes samples of the policy that drew them
+      (score-function losses: BOND's backward term, J-BOND, REINFORCE, vBoN, GDC++; the regressions
+      of WIND and SPPO onto samples of π_t): config validation rejects non-plain sampling for it
+      (bond.validation, `bond.sampling.PLAIN_SAMPLING`) unless config.allow_biased_samples.
+    init_state: optional () → the algorithm's state carried across steps (a pytree of arrays, e.g.
+      GDC++'s running Ẑ): the train state holds it (`TrainState.algo_state`, checkpointed, one per
+      member of a population), the loss reads it as `LossInputs.algo_state` and returns the next
+      one in its metrics under `ALGO_STATE` (`split_algo_state`).
     """
 
     name: str
@@ -195,6 +217,8 @@ class Algorithm:
     extra_knobs: Mapping[str, Knob] = dataclasses.field(default_factory=dict)
     validate: Optional[Callable[[ml_collections.ConfigDict], None]] = None
     paper: str = ""
+    needs_on_policy_samples: bool = False
+    init_state: Optional[Callable[[], Any]] = None
 
     def __post_init__(self):
         unknown = [k for k in self.knobs if k not in KNOBS and k not in self.extra_knobs]
@@ -205,6 +229,10 @@ class Algorithm:
             if name not in SAMPLE_SETS or field not in FIXED_LOGPROBS:
                 raise ValueError(f"algorithm {self.name!r}: reads entry {entry!r} is not '<set>.<field>' with set in "
                                  f"{SAMPLE_SETS} and field in {FIXED_LOGPROBS}.")
+
+    def initial_state(self) -> Any:
+        """The algorithm's state before the first step (`init_state`), None for algorithms without one."""
+        return None if self.init_state is None else self.init_state()
 
     def reads_of(self, sample_set: str) -> frozenset[str]:
         """The fixed log-prob fields the loss reads of `sample_set`'s samples."""
@@ -353,22 +381,54 @@ def mean_decidedness(pref: jax.Array) -> jax.Array:
     return jnp.sum(jnp.abs(pref - 0.5) * off) / jnp.maximum(jnp.sum(off) * pref.shape[0], 1.0)
 
 
-def _wind_loss(variant: Optional[str]) -> LossFn:
+def _wind_loss(*, iteration_anchor: bool) -> LossFn:
+    """WIND (bond.losses.wind) on a prompt's S samples of π_t, fitting one exact step from π_t.
+
+    iteration_anchor=True is WIND as published (Yang et al. 2024): π_t is the anchor, held fixed
+    for an iteration of config.anchor.period steps (a hard anchor), the samples are drawn from it
+    and log π_t is its log-probability; the parameters fit the exact mirror-descent step from π_t
+    (`bond.tabular.wind_step`, with the paper's η and β) and the next iteration starts from the
+    result. False is one-step self-play: π_t = stop_gradient(π_θ) on the policy's own samples. Its
+    expected gradient is then parallel to the policy gradient of E_π[W_π] − β·KL(π‖π_ref) for every
+    η, so under Adam η has no effect: a different method (design notes, ALGORITHMS.md §4).
+    """
+
     def loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
-        logp = inputs.policy_logp(inputs.policy)
-        pref = preferences(inputs, inputs.policy)
+        samples = inputs.anchor if iteration_anchor else inputs.policy
+        logp = inputs.policy_logp(samples)
+        logp_t = samples.anchor_logp if iteration_anchor else jax.lax.stop_gradient(logp)
+        pref = preferences(inputs, samples)
         value, metrics = losses.wind(
             logp,
-            jax.lax.stop_gradient(logp),  # π_t is the policy that drew the samples
-            inputs.policy.ref_logp,
+            logp_t,
+            samples.ref_logp,
             pref,
             eta=inputs.hp["wind_eta"],
             beta=inputs.hp["wind_beta"],
-            variant=variant or inputs.algo.wind_variant,
+            variant=inputs.algo.wind_variant,
         )
         return value, {**metrics, "preference_decidedness": mean_decidedness(pref)}
 
     return loss
+
+
+def _sppo_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
+    """Iterative SPPO (Wu et al. 2024, arXiv 2405.00675, Alg. 1): on S samples of π_t (the anchor,
+    held fixed for an iteration of config.anchor.period steps), mean of
+    [log π_θ(y_i) − log π_t(y_i) − η·(P̂(y_i ≻ π_t) − ½)]², P̂ the mean of P(y_i ≻ y_j) over the
+    prompt's other samples, an unbiased estimate of y_i's win rate against π_t (the paper averages
+    over all K samples, y_i's own ½ included, which shrinks the estimate towards ½ by (K−1)/K).
+
+    This is WIND's single-sample ('sppo') loss without a reference pull (β = 0, so κ = η): its
+    expected gradient is that of E_{π_t}[(log π_θ − log π_t − η(W_{π_t} − ½))²], the paper's
+    regression with log Z_t replaced by its first-order value η/2.
+    """
+    samples = inputs.anchor
+    logp_t = samples.anchor_logp
+    pref = preferences(inputs, samples)
+    value, metrics = losses.wind(inputs.policy_logp(samples), logp_t, logp_t, pref, eta=inputs.hp["sppo_eta"],
+                                 beta=jnp.zeros_like(inputs.hp["sppo_eta"]), variant="sppo")
+    return value, {**metrics, "preference_decidedness": mean_decidedness(pref)}
 
 
 def _reinforce_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
@@ -385,17 +445,23 @@ def _chosen_rejected(samples: Samples, key: jax.Array) -> tuple[Samples, Samples
     return chosen, rejected
 
 
-def _pairwise_loss(fn) -> LossFn:
-    """Online DPO / IPO / SPPO: chosen and rejected are the best and worst of the policy's samples."""
+def _pairwise_loss(fn, *, mask_ties: bool) -> LossFn:
+    """Online DPO / IPO / sppo_hard: chosen and rejected are the best and worst of the policy's samples.
+
+    mask_ties: a prompt whose best and worst rewards are equal carries no preference, so its pair
+    has weight 0 (DPO, IPO; as BoNBoN's IPO term does); else the tie-break picks a direction at random.
+    """
 
     def loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
         chosen, rejected = _chosen_rejected(inputs.policy, inputs.key)
+        decided = (chosen.rewards[:, 0] > rejected.rewards[:, 0]).astype(chosen.ref_logp.dtype)
         return fn(
             inputs.policy_logp(chosen)[:, 0],
             inputs.policy_logp(rejected)[:, 0],
             chosen.ref_logp[:, 0],
             rejected.ref_logp[:, 0],
             beta=inputs.hp["pref_beta"],
+            weights=decided if mask_ties else None,
         )
 
     return loss
@@ -407,15 +473,32 @@ def _gdc_log_target(samples: Samples, hp) -> jax.Array:
 
 
 def _gdcpp_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
-    """GDC++ on policy samples (q = π). The target π_ref(y|x)·exp(r/τ) is normalized per prompt,
-    so each prompt's Z_x is estimated from its own samples (`prompt_log_z`), not pooled."""
+    """GDC++ on policy samples (q = π) towards p(y|x) ∝ P(x, y) = π_ref(y|x)·exp(r(x, y)/τ), with one
+    running Ẑ = mean of P/q over every sample of the previous steps (Korbak et al. 2022;
+    experiments/distribution_matching.py), carried in the train state; the first step, with no
+    previous samples, uses its own.
+
+    Ẑ from the same samples the gradient uses would bias the gradient's direction (it is correlated
+    with them: relative error 0.44 at 4 samples per prompt); a Ẑ from earlier batches does not. The
+    targets are per prompt, with normalizers Z_x, and one pooled Ẑ estimates their mean Z̄ over the
+    prompts seen: the expected gradient, for B prompts of S samples, is
+
+        (1/B)·Σ_x (Z_x/Ẑ)·∇KL(p_x‖π_θ(·|x)),
+
+    the gradient of the prompts' KLs weighted by Z_x/Ẑ. Its minimizer is unchanged (π_θ(·|x) = p_x
+    for every x); only the prompts' weights along the way differ from a plain mean. A running Ẑ_x
+    per prompt would weight them equally but needs a state the size of the prompt set and still
+    leans on few samples per prompt in early epochs; the pooled one is what the papers use.
+    """
+    proposal_logp = inputs.policy.sampler_logp
     log_target = _gdc_log_target(inputs.policy, inputs.hp)
-    return distribution_matching.gdc_pp(
-        inputs.policy_logp(inputs.policy),
-        inputs.policy.sampler_logp,
-        log_target,
-        log_z=distribution_matching.prompt_log_z(inputs.policy.sampler_logp, log_target),
-    )
+    before = inputs.algo_state
+    after = distribution_matching.running_log_z(before, proposal_logp, log_target)
+    log_z = jnp.where(before.count > 0, distribution_matching.log_z_estimate(before),
+                      distribution_matching.log_z_estimate(after))
+    loss, metrics = distribution_matching.gdc_pp(inputs.policy_logp(inputs.policy), proposal_logp, log_target,
+                                                 log_z=log_z)
+    return loss, {**metrics, "log_z_estimate": log_z, ALGO_STATE: after}
 
 
 def _raft_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
@@ -449,38 +532,52 @@ BOND = "arXiv 2407.14622 (Sessa et al. 2024)"
 _policy_plan = lambda algo: SamplingPlan(policy=algo.num_samples)
 
 register(Algorithm(
-    "bond", plan=_bond_plan("reference"), loss=_bond_loss("reference"),
+    "bond", needs_on_policy_samples=True, plan=_bond_plan("reference"), loss=_bond_loss("reference"),
     knobs=("n", "beta", "num_samples", "num_ref_samples"), reads=("policy.ref_logp",), paper=BOND + ", §4",
 ))
 register(Algorithm(
-    "iterative_bond", plan=_bond_plan("anchor"), loss=_bond_loss("anchor"), anchor="hard",
+    "iterative_bond", needs_on_policy_samples=True, plan=_bond_plan("anchor"), loss=_bond_loss("anchor"), anchor="hard",
     knobs=("n", "beta", "num_samples", "num_ref_samples"), reads=("policy.anchor_logp",), paper=BOND + ", §5",
 ))
 register(Algorithm(
-    "j_bond", plan=lambda algo: SamplingPlan(policy=algo.num_samples, anchor=2), loss=_j_bond_loss, anchor="ema",
+    "j_bond", needs_on_policy_samples=True, plan=lambda algo: SamplingPlan(policy=algo.num_samples, anchor=2), loss=_j_bond_loss, anchor="ema",
     knobs=("beta", "gamma", "num_samples"), reads=("policy.anchor_logp",), paper=BOND + ", §6",
 ))
+WIND = "arXiv 2410.20727 (Yang et al. 2024)"
+_WIND_KNOBS = ("num_samples", "wind_eta", "wind_beta", "wind_variant", "preference")
 register(Algorithm(
-    "wind", plan=_policy_plan, loss=_wind_loss(None), validate=_need_pairs,
-    knobs=("num_samples", "wind_eta", "wind_beta", "wind_variant", "preference"), reads=("policy.ref_logp",),
-    paper="arXiv 2410.20727 (Yang et al. 2024)",
+    "wind", needs_on_policy_samples=True, plan=lambda algo: SamplingPlan(anchor=algo.num_samples), loss=_wind_loss(iteration_anchor=True),
+    anchor="hard", validate=_need_pairs, knobs=_WIND_KNOBS, reads=("anchor.anchor_logp", "anchor.ref_logp"),
+    paper=WIND + ": π_t an anchor held for an iteration of config.anchor.period steps",
 ))
 register(Algorithm(
-    "reinforce", plan=_policy_plan, loss=_reinforce_loss, knobs=("num_samples", "kl_coef"), reads=("policy.ref_logp",),
+    "wind_self_play", needs_on_policy_samples=True, plan=_policy_plan, loss=_wind_loss(iteration_anchor=False), validate=_need_pairs,
+    knobs=_WIND_KNOBS, reads=("policy.ref_logp",),
+    paper=WIND + "'s losses with π_t = stop_gradient(π_θ): one-step self-play, not the paper's method",
+))
+register(Algorithm(
+    "reinforce", needs_on_policy_samples=True, plan=_policy_plan, loss=_reinforce_loss, knobs=("num_samples", "kl_coef"), reads=("policy.ref_logp",),
     paper="RLOO: Ahmadian et al. 2024, arXiv 2402.14740",
 ))
-for _name, _fn, _paper in (
-    ("dpo", preference.dpo, "arXiv 2305.18290 (online: samples of the policy)"),
-    ("ipo", preference.ipo, "arXiv 2310.12036 (online)"),
-    ("sppo", preference.sppo_hard, "arXiv 2405.00675 (hard labels, online)"),
+for _name, _fn, _mask_ties, _paper in (
+    ("dpo", preference.dpo, True, "arXiv 2305.18290 (online: samples of the policy)"),
+    ("ipo", preference.ipo, True, "arXiv 2310.12036 (online)"),
+    ("sppo_hard", preference.sppo_hard, False,
+     "arXiv 2405.00675 with hard labels and π_ref in place of π_t (TRL's sppo_hard), online"),
 ):
     register(Algorithm(
-        _name, plan=_policy_plan, loss=_pairwise_loss(_fn), validate=_need_pairs, knobs=("num_samples", "pref_beta"),
+        _name, plan=_policy_plan, loss=_pairwise_loss(_fn, mask_ties=_mask_ties), validate=_need_pairs, knobs=("num_samples", "pref_beta"),
         reads=("policy.ref_logp",), paper=_paper,
     ))
 register(Algorithm(
-    "gdcpp", plan=_policy_plan, loss=_gdcpp_loss, validate=_need_pairs, knobs=("num_samples", "target_temperature"),
+    "sppo", needs_on_policy_samples=True, plan=lambda algo: SamplingPlan(anchor=algo.num_samples), loss=_sppo_loss, anchor="hard",
+    validate=_need_pairs, knobs=("num_samples", "sppo_eta", "preference"), reads=("anchor.anchor_logp",),
+    paper="arXiv 2405.00675 (Wu et al. 2024), Alg. 1: π_t an anchor refreshed every config.anchor.period steps",
+))
+register(Algorithm(
+    "gdcpp", needs_on_policy_samples=True, plan=_policy_plan, loss=_gdcpp_loss, knobs=("num_samples", "target_temperature"),
     reads=("policy.ref_logp",), paper="arXiv 2206.00761 (Korbak et al. 2022)",
+    init_state=distribution_matching.init_log_z_state,
 ))
 register(Algorithm(
     "raft", plan=_policy_plan, loss=_raft_loss, validate=_need_pairs, knobs=("num_samples",), reads=(),
@@ -491,6 +588,6 @@ register(Algorithm(
     knobs=("n", "bonbon_alpha"), reads=("reference.ref_logp",), paper="arXiv 2406.00832 (Gui et al. 2024)",
 ))
 register(Algorithm(
-    "vbon", plan=lambda algo: SamplingPlan(policy=algo.num_samples, reference=algo.num_ref_samples), loss=_vbon_loss,
+    "vbon", needs_on_policy_samples=True, plan=lambda algo: SamplingPlan(policy=algo.num_samples, reference=algo.num_ref_samples), loss=_vbon_loss,
     knobs=("n", "num_samples", "num_ref_samples"), reads=("policy.ref_logp",), paper="arXiv 2407.06057 (Amini et al. 2024)",
 ))

@@ -49,6 +49,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.top_k = 0
     c.top_p = 1.0
     c.min_new_tokens = 0  # sampling masks EOS for the first min_new_tokens tokens (0 = off); log-probs stay the model's
+    # Algorithms whose gradient estimate assumes samples of the policy itself (`needs_on_policy_samples`:
+    # score-function and regression losses) reject temperature != 1, top_k, top_p < 1 and
+    # min_new_tokens > 0, which make the estimate biased; True accepts the bias (benchmarks that fix lengths).
+    c.allow_biased_samples = False
     # Draw the reference samples an algorithm needs once per train prompt, reuse them every epoch.
     c.cache_reference_samples = True
 

@@ -68,6 +68,7 @@ POPULATION_FIELDS: tuple[str, ...] = (
     "algo.pref_beta",
     "algo.wind_eta",
     "algo.wind_beta",
+    "algo.sppo_eta",
     "algo.target_temperature",
     "algo.bonbon_alpha",
 )

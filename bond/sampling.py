@@ -37,6 +37,9 @@ from bond.models.transformer import (
 )
 
 PAD_ID = 0
+# The sampler settings (config fields) under which it draws from the model itself: the samples'
+# distribution is the policy's and their log-probs are the model's.
+PLAIN_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_new_tokens": 0}
 
 
 class SampleOutput(NamedTuple):

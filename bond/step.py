@@ -38,10 +38,10 @@ import ml_collections
 import optax
 
 from bond import sharding
-from bond.algorithms import Drawn, LossInputs, Samples
+from bond.algorithms import Drawn, LossInputs, Samples, split_algo_state
 from bond.models import param_logical_axes, response_rows, sequence_logprobs
 from bond.models.preference import preference_matrix
-from bond.sampling import SampleOutput, sample
+from bond.sampling import PLAIN_SAMPLING, SampleOutput, sample
 
 if TYPE_CHECKING:
     from bond.context import Setup
@@ -55,6 +55,7 @@ class TrainState(NamedTuple):
     anchor_params: Any  # None when the run has no anchor
     opt_state: Any
     nonfinite_step: jax.Array  # int32: first step whose loss was NaN/inf, −1 while none was
+    algo_state: Any = None  # the algorithm's own state (`Algorithm.init_state`, e.g. GDC++'s running Ẑ), or None
 
 
 class Batch(NamedTuple):
@@ -150,6 +151,7 @@ def init_state(setup: Setup, ref_params) -> TrainState:
         anchor_params=copy(ref_params) if setup.anchor_kind != "none" else None,
         opt_state=make_optimizer(setup.config).init(as_float32(ref_params)),
         nonfinite_step=jnp.full((), -1, jnp.int32),
+        algo_state=setup.algorithm.initial_state(),
     )
 
 
@@ -164,6 +166,7 @@ def state_shardings(setup: Setup, state: TrainState) -> TrainState:
         anchor_params=params if state.anchor_params is not None else None,
         opt_state=sharding.shardings_like_params(state.opt_state, state.params, params, mesh),
         nonfinite_step=rep,
+        algo_state=jax.tree.map(lambda _: rep, state.algo_state),
     )
 
 
@@ -174,7 +177,7 @@ def state_shardings(setup: Setup, state: TrainState) -> TrainState:
 def is_plain_sampling(config) -> bool:
     """Whether the sampler draws from the model itself (temperature 1, no top-k/top-p, no forced
     length): then its own log-probs are the model's and a log-prob pass of the sampling policy is free."""
-    return config.temperature == 1.0 and config.top_k == 0 and config.top_p == 1.0 and config.min_new_tokens == 0
+    return all(config[field] == plain for field, plain in PLAIN_SAMPLING.items())
 
 
 def sample_responses(setup: Setup, params, prompts, prompt_mask, key, count: int) -> SampleOutput:
@@ -248,16 +251,18 @@ def pair_judge_of(setup: Setup, judges) -> Optional[Callable[[Samples], jax.Arra
     return lambda s: preference_matrix(setup.preference_judge, judges["preference"], s)
 
 
-def loss_and_grad(setup: Setup, params, drawn: Drawn, hp, key, pair_judge, prompt_length: int):
+def loss_and_grad(setup: Setup, params, drawn: Drawn, hp, key, pair_judge, prompt_length: int, algo_state=None):
     """Phase 4: the algorithm's (loss, metrics) on the drawn samples and its gradient in `params`.
 
-    The policy's log-probs are the only differentiable quantity (`LossInputs.policy_logp`)."""
+    The policy's log-probs are the only differentiable quantity (`LossInputs.policy_logp`). An
+    algorithm with a state reads `algo_state` and returns the next one in the metrics
+    (`bond.algorithms.split_algo_state`)."""
 
     def loss_fn(p):
         inputs = LossInputs(
             policy_logp=functools.partial(policy_logprobs, setup, p, prompt_length=prompt_length),
             policy=drawn.policy, anchor=drawn.anchor, reference=drawn.reference, hp=hp, algo=setup.config.algo,
-            key=key, pair_judge=pair_judge,
+            key=key, pair_judge=pair_judge, algo_state=algo_state,
         )
         return setup.algorithm.loss(inputs)
 
@@ -334,7 +339,8 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, Batch, Fixed, Traced]
         drawn = Drawn(policy, anchor, reference)
 
         (loss, loss_metrics), grads = loss_and_grad(setup, state.params, drawn, hp, k_loss,
-                                                    pair_judge_of(setup, fixed.judges), prompt_length)
+                                                    pair_judge_of(setup, fixed.judges), prompt_length, state.algo_state)
+        loss_metrics, algo_state = split_algo_state(loss_metrics, state.algo_state)
         params, opt_state = optimizer_update(optimizer, state.params, state.opt_state, grads, hp)
         anchor_params = anchor_update(setup.anchor_kind, state.anchor_params, params, state.step, hp, period)
         first_bad = jnp.where((state.nonfinite_step < 0) & ~jnp.isfinite(loss), state.step, state.nonfinite_step)
@@ -348,7 +354,7 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, Batch, Fixed, Traced]
             return jax.lax.cond(batch.logging, estimate, lambda: jnp.float32(jnp.nan))
 
         metrics = step_metrics(loss, loss_metrics, grads, drawn, kl_ref_estimate)
-        return TrainState(state.step + 1, params, anchor_params, opt_state, first_bad), metrics
+        return TrainState(state.step + 1, params, anchor_params, opt_state, first_bad, algo_state), metrics
 
     return step
 

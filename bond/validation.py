@@ -15,6 +15,7 @@ import ml_collections
 
 from bond import algorithms, sharding
 from bond.metrics import wandb_problem
+from bond.sampling import PLAIN_SAMPLING
 from bond.tasks import TASK_NAMES
 
 PRETRAINED_TASK = "pretrained"
@@ -101,6 +102,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
         algorithm.check_config(algorithm.with_defaults(config.algo))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    _require(isinstance(config.allow_biased_samples, bool),
+             f"config.allow_biased_samples={config.allow_biased_samples!r} must be True or False.")
+    if algorithm.needs_on_policy_samples and not config.allow_biased_samples:
+        for field, plain in PLAIN_SAMPLING.items():
+            _require(
+                config[field] == plain,
+                f"config.{field}={config[field]!r}: algorithm {config.algorithm!r} estimates its gradient from "
+                f"samples of the policy itself, which config.{field} changes, so the estimate would be biased; "
+                f"set config.{field}={plain!r} (or config.allow_biased_samples=True to accept the bias).",
+            )
 
     available = jax.device_count() if num_devices is None else num_devices
     requested = _integer(config, "num_devices", 0)

@@ -4,7 +4,7 @@
     python -m bond.main --config=configs/gdcpp.py:quick --workdir=/tmp/gdcpp_quick
 
 Target p(y|x) ∝ π_ref(y|x)·exp(r(x, y)/τ) with τ = 1 (the KL-control optimum), proposal q = π,
-Z_x estimated per prompt from its four samples.
+Ẑ a running mean of P/q over the samples of every earlier step (carried in the train state).
 """
 
 from bond.config_base import apply_args, base_config

@@ -165,6 +165,11 @@ def test_sharded_run_equals_single_device_run(cache_dir, tmp_path):
         ("bond", "batch_size", 12, "config.batch_size=12 must be divisible by the data axes"),
         ("bond", "num_devices", 64, "config.num_devices=64"),
         ("bond", "min_new_tokens", -1, "config.min_new_tokens=-1 must be an integer >= 0"),
+        # Score-function and regression losses need samples of the policy itself.
+        ("reinforce", "temperature", 0.7, "config.temperature=0.7: algorithm 'reinforce' estimates its gradient"),
+        ("j_bond", "top_k", 5, "config.top_k=5: algorithm 'j_bond'"),
+        ("wind", "top_p", 0.9, "config.top_p=0.9: algorithm 'wind'"),
+        ("gdcpp", "min_new_tokens", 2, "set config.min_new_tokens=0 (or config.allow_biased_samples=True"),
     ],
 )
 def test_validation_names_the_field(algorithm, field, value, message, cache_dir):
@@ -176,6 +181,15 @@ def test_validation_names_the_field(algorithm, field, value, message, cache_dir)
     with pytest.raises(ConfigError) as error:
         validate(c)
     assert message in str(error.value)
+
+
+def test_non_plain_sampling_is_rejected_only_where_it_biases_the_gradient(cache_dir):
+    """DPO learns from pairs of whatever samples it gets: tempered sampling is its choice. REINFORCE's
+    estimate needs the policy's own samples, unless the config accepts the bias explicitly."""
+    validate(tiny("dpo", cache_dir, temperature=0.7))
+    with pytest.raises(ConfigError, match=r"config\.temperature=0\.7"):
+        validate(tiny("reinforce", cache_dir, temperature=0.7))
+    validate(tiny("reinforce", cache_dir, temperature=0.7, allow_biased_samples=True))
 
 
 def test_validation_checks_only_the_knobs_the_algorithm_reads(cache_dir):
@@ -256,9 +270,21 @@ def test_registry_declares_the_fixed_logprobs_each_loss_reads(name):
     inputs = algorithms.LossInputs(
         lambda s: s.sampler_logp * 1.5, samples(plan.policy), samples(plan.anchor), samples(plan.reference),
         {k: jnp.float32(v) for k, v in algo.items() if not isinstance(v, str)},
-        ml_collections.FrozenConfigDict(algo), jax.random.key(0),
+        ml_collections.FrozenConfigDict(algo), jax.random.key(0), algo_state=algorithm.initial_state(),
     )
     assert fixed_logprobs_read_by_loss(algorithm.loss, inputs) == set(algorithm.reads)
+
+
+def test_gdcpp_carries_its_running_z_in_the_train_state(cache_dir):
+    """GDC++'s Ẑ is the train state's `algo_state`: after two steps it has counted every policy sample of both."""
+    c = tiny("gdcpp", cache_dir)
+    context = build_context(c, log=lambda _: None)
+    step = jax.jit(make_train_step(context.setup))
+    state = context.state
+    for t in range(2):
+        state, metrics = step(state, context.batch(t), context.fixed, context.traced)
+    assert float(state.algo_state.count) == 2 * c.batch_size * c.algo.num_samples
+    assert np.isfinite(metrics["log_z_estimate"]) and "algo_state" not in metrics
 
 
 def test_runner_keeps_compiled_programs_under_the_cache_dir(tmp_path, monkeypatch):

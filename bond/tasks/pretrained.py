@@ -42,7 +42,7 @@ from bond.tokenizer import Tokenizer, load_tokenizer
 
 TASK_NAME = "pretrained"
 # Algorithms that can learn from a pair scorer's preference matrix (the rest need a reward model).
-PREFERENCE_MODEL_ALGORITHMS = ("wind",)
+PREFERENCE_MODEL_ALGORITHMS = ("wind", "wind_self_play", "sppo")
 PARAM_DTYPES = ("", "float32", "bfloat16")
 
 @dataclasses.dataclass(frozen=True, eq=False)

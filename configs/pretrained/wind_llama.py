@@ -25,9 +25,9 @@ process count and this host's index), data=2 across hosts and fsdp=8 inside each
         --config.pretrained.preference_path=/ckpt/llama3-8b-pair-scorer \
         --config.pretrained.prompts.source='jsonl:/data/ultrafeedback_{split}.jsonl'
 
-Four samples per prompt (S² = 16 ordered pairs per prompt for the judge), the square loss, η = 1,
-β = 0.1; bfloat16 parameters with float32 Adam moments. Learning rate and lengths are starting
-points, not tuned values.
+Four samples per prompt of π_t (S² = 16 ordered pairs per prompt for the judge), the square loss,
+η = 1, β = 0.1, π_t a hard anchor moved to the policy every 50 steps (one WIND iteration); bfloat16
+parameters with float32 Adam moments. Learning rate and lengths are starting points, not tuned values.
 
 The `tiny` variant: the tiny Llama test checkpoint, its reward model as both the reward and the
 pair scorer (tests/fixtures/pretrained), a few steps on a CPU:
@@ -70,6 +70,7 @@ def get_config(arg: str | None = None):
     c.algo.wind_variant = "square"
     c.algo.wind_eta = 1.0
     c.algo.wind_beta = 0.1
+    c.anchor.update(kind="hard", period=50)  # π_t held for an iteration of 50 steps, then π_t ← π_θ
     c.pretrained.update(
         policy_path="", reward_path="", preference_path="", eos_token="<|eot_id|>", chat_template=True,
         preference_separator="\n\n[Response B]\n", max_prompt_length=512, max_new_tokens=256, param_dtype="bfloat16",

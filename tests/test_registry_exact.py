@@ -1,0 +1,235 @@
+"""Each registered algorithm, through bond/algorithms.py with its own sampling plan, on a finite support.
+
+A tabular world: B prompts, K responses each (the response id is the one token of a sample), a
+softmax policy π_θ over them (θ: [B, K] logits), fixed reference and anchor policies and distinct
+rewards. The registered loss is summed exactly over every draw of its planned samples, each draw
+weighted by its probability (float64), so the expected gradient has no Monte-Carlo error and can be
+compared with the gradient of the objective the loss's docstring names, to 1e-6 or better.
+"""
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from bond import algorithms, tabular
+from bond.algorithms import LossInputs, Samples
+from bond.models import preferences_from_rewards
+
+K = 3  # responses per prompt
+
+
+class World(NamedTuple):
+    """Per prompt [B, K]: log π_ref, log π_anchor and the rewards."""
+
+    ref: jax.Array
+    anchor: jax.Array
+    rewards: jax.Array
+
+
+def world(num_prompts: int = 1, seed: int = 0, k: int = K) -> World:
+    rng = np.random.default_rng(seed)
+    log_softmax = lambda x: jax.nn.log_softmax(jnp.asarray(x, jnp.float64), axis=-1)
+    rewards = np.stack([rng.permutation(k) + rng.uniform(0, 0.5, k) for _ in range(num_prompts)])
+    return World(log_softmax(rng.normal(size=(num_prompts, k))), log_softmax(rng.normal(size=(num_prompts, k))),
+                 jnp.asarray(rewards, jnp.float64))
+
+
+def tabular_samples(idx: jax.Array, sampler_log_probs: jax.Array, w: World) -> Samples:
+    """Samples of response ids idx [B, S] (tokens [B, S, 1] = the id), scored and with their log-probs."""
+    take = lambda table: jnp.take_along_axis(table, idx, axis=1)
+    tokens = idx[..., None]
+    ones = jnp.ones(tokens.shape, jnp.float64)
+    return Samples(tokens, ones, ones, take(w.rewards), take(sampler_log_probs), take(w.ref), take(w.anchor))
+
+
+def policy_logp_of(theta: jax.Array) -> Callable[[Samples], jax.Array]:
+    """log π_θ(y) [B, S] of samples, differentiable in the tabular logits θ [B, K]."""
+    return lambda s: jnp.take_along_axis(jax.nn.log_softmax(theta, axis=-1), s.tokens[..., 0], axis=1)
+
+
+def algo_config(**knobs) -> ml_collections.FrozenConfigDict:
+    algo = algorithms.default_algo_config()
+    algo.update(knobs)
+    return ml_collections.FrozenConfigDict(algo)
+
+
+def expected_gradient(name: str, algo, theta: jax.Array, w: World, algo_state=None) -> jax.Array:
+    """E[∇θ loss] of the registered algorithm `name`, summed over every draw of its sampling plan:
+    policy samples from π_θ (held fixed: the sampler does not differentiate), anchor samples from
+    π_anchor, reference samples from π_ref, each prompt's i.i.d."""
+    algorithm = algorithms.get_algorithm(name)
+    plan = algorithm.plan(algo)
+    log_pi = jax.lax.stop_gradient(jax.nn.log_softmax(theta, axis=-1))
+    sets = [(s, table, count) for s, table, count in (("policy", log_pi, plan.policy), ("anchor", w.anchor, plan.anchor),
+                                                      ("reference", w.ref, plan.reference)) if count]
+    num_prompts = theta.shape[0]
+    hp = {k: jnp.asarray(v, jnp.float64) for k, v in algo.items() if not isinstance(v, (str, bool))}
+
+    def grad_of_draw(*groups):
+        groups = iter(groups)
+        drawn = {s: tabular_samples(jnp.stack([next(groups) for _ in range(num_prompts)]), table, w)
+                 for s, table, _ in sets}
+
+        def loss(t):
+            inputs = LossInputs(policy_logp_of(t), drawn.get("policy"), drawn.get("anchor"), drawn.get("reference"),
+                                hp, algo, jax.random.key(0), algo_state=algo_state)
+            return algorithm.loss(inputs)[0]
+
+        return jax.grad(loss)(theta)
+
+    draws = [(jnp.exp(table[b]), count) for _, table, count in sets for b in range(num_prompts)]
+    return tabular.exact_expectation(grad_of_draw, draws)
+
+
+def hard_preferences(rewards: jax.Array) -> jax.Array:
+    """P(y ≻ y') [B, K, K] over the whole support, from rewards (ties ½), as the registry's default."""
+    return preferences_from_rewards(rewards, kind="hard")
+
+
+# ---------------------------------------------------------------------------------------------
+# WIND
+
+
+@pytest.mark.parametrize("eta", [0.5, 2.0])
+def test_registry_wind_fits_the_exact_step_from_the_iteration_anchor(eta):
+    """WIND as registered (square loss, S = 2 samples of the anchor π_t): the expected gradient
+    vanishes exactly at θ = log wind_step(π_t) with the config's η and β, i.e. the policy fitted
+    during an iteration is the exact mirror-descent step from π_t. With another η it does not
+    vanish there (η matters), nor does the self-play form's (π_t = π_θ, samples of π_θ)."""
+    with jax.enable_x64(True):
+        w = world(num_prompts=2)
+        beta = 0.2
+        algo = algo_config(num_samples=2, wind_eta=eta, wind_beta=beta, wind_variant="square")
+        step = tabular.wind_step(w.anchor, w.ref, hard_preferences(w.rewards), eta=eta, beta=beta)
+        np.testing.assert_allclose(expected_gradient("wind", algo, step, w), 0.0, atol=1e-12)
+
+        other_eta = algo_config(num_samples=2, wind_eta=eta * 3, wind_beta=beta, wind_variant="square")
+        assert np.max(np.abs(expected_gradient("wind", other_eta, step, w))) > 1e-3
+        assert np.max(np.abs(expected_gradient("wind_self_play", algo, step, w))) > 1e-3
+
+
+def test_registry_sppo_regresses_onto_the_win_rate_against_the_iterate():
+    """Iterative SPPO (S = 3 samples of π_t = the anchor): the expected gradient is that of
+    (1/B)·Σ_x E_{π_t}[(log π_θ − log π_t − η(W_{π_t} − ½))²], with W_{π_t}(y) = Σ_y' π_t(y')·P(y ≻ y')."""
+    with jax.enable_x64(True):
+        w = world(num_prompts=2)
+        eta = 3.0
+        algo = algo_config(num_samples=3, sppo_eta=eta)
+        theta = w.anchor + jnp.asarray([[0.3, -0.2, 0.1], [0.0, 0.4, -0.1]])
+        win = tabular.win_rates_against(hard_preferences(w.rewards), jnp.exp(w.anchor))
+
+        def objective(t):
+            residual = jax.nn.log_softmax(t) - w.anchor - eta * (win - 0.5)
+            return jnp.mean(jnp.sum(jnp.exp(w.anchor) * residual**2, axis=-1))
+
+        np.testing.assert_allclose(expected_gradient("sppo", algo, theta, w), jax.grad(objective)(theta), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# GDC++
+
+
+def gdc_log_normalizers(w: World, temperature: float) -> jax.Array:
+    """log Z_x = log Σ_y π_ref(y|x)·exp(r(x, y)/τ) [B] of the registry's GDC++ target."""
+    return jax.nn.logsumexp(w.ref + w.rewards / temperature, axis=-1)
+
+
+@pytest.mark.parametrize("log_z_hat", [None, 0.7])
+def test_registry_gdcpp_with_a_running_z_follows_the_forward_kl(log_z_hat):
+    """GDC++ through the registry with S = 2 samples per prompt of π_θ and the running Ẑ of the
+    train state (the mean of the two prompts' Z_x, or another value): the expected gradient is
+    (1/B)·Σ_x (Z_x/Ẑ)·∇KL(p_x‖π_θ), p_x ∝ π_ref·exp(r/τ). A Ẑ estimated from the same samples
+    would miss it (relative error ≈ 0.7 at S = 2)."""
+    from bond.losses.distribution_matching import LogZState
+
+    with jax.enable_x64(True):
+        w = world(num_prompts=2)
+        tau = 0.8
+        algo = algo_config(num_samples=2, target_temperature=tau)
+        theta = w.ref + jnp.asarray([[0.5, -0.3, 0.2], [-0.4, 0.1, 0.6]])
+        log_z = gdc_log_normalizers(w, tau)
+        log_z_hat = jnp.log(jnp.mean(jnp.exp(log_z))) if log_z_hat is None else jnp.float64(log_z_hat)
+        state = LogZState(log_sum=log_z_hat + jnp.log(5.0), count=jnp.float64(5.0))  # Ẑ from 5 earlier samples
+        target = jnp.exp(w.ref + w.rewards / tau - log_z[:, None])
+
+        def objective(t):
+            kl = tabular.forward_kl_objective(t, target)
+            return jnp.mean(jnp.exp(log_z - log_z_hat) * kl)
+
+        np.testing.assert_allclose(expected_gradient("gdcpp", algo, theta, w, algo_state=state),
+                                   jax.grad(objective)(theta), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# DPO, IPO
+
+
+def tied_world() -> World:
+    """One prompt, K = 3 responses, two of them with equal rewards."""
+    w = world(num_prompts=1)
+    return w._replace(rewards=jnp.asarray([[0.0, 1.0, 1.0]], jnp.float64))
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo"])
+@pytest.mark.parametrize("make_world", [world, tied_world])
+def test_registry_online_pairs_follow_the_preference_loss_over_decided_pairs(name, make_world):
+    """Online DPO / IPO with S = 2 samples of π_θ: chosen the better, rejected the worse. The expected
+    gradient is that of Σ_{r(y) > r(y')} 2π(y)π(y')·ℓ(h(y) − h(y')) (π held at the sampler, h = log π_θ −
+    log π_ref, ℓ the DPO or IPO loss): pairs of equal reward carry no preference and add nothing."""
+    with jax.enable_x64(True):
+        w = make_world()
+        beta = 0.5
+        algo = algo_config(num_samples=2, pref_beta=beta)
+        theta = w.ref + jnp.asarray([[0.4, -0.5, 0.3]])
+        pi = jax.lax.stop_gradient(jnp.exp(jax.nn.log_softmax(theta)))[0]
+        r = w.rewards[0]
+        ell = {"dpo": lambda d: -jax.nn.log_sigmoid(beta * d), "ipo": lambda d: (d - 0.5 / beta) ** 2}[name]
+
+        def objective(t):
+            h = (jax.nn.log_softmax(t) - w.ref)[0]
+            pairs = 2 * pi[:, None] * pi[None, :] * (r[:, None] > r[None, :])
+            return jnp.sum(pairs * ell(h[:, None] - h[None, :]))
+
+        np.testing.assert_allclose(expected_gradient(name, algo, theta, w), jax.grad(objective)(theta), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# REINFORCE, J-BOND
+
+
+def test_registry_reinforce_follows_the_kl_regularized_reward():
+    """REINFORCE (RLOO, S = 3 samples of π_θ): the expected gradient is −∇(E_π[r] − β·KL(π‖π_ref)),
+    averaged over the prompts."""
+    with jax.enable_x64(True):
+        w = world(num_prompts=2)
+        beta = 0.3
+        algo = algo_config(num_samples=3, kl_coef=beta)
+        theta = w.ref + jnp.asarray([[0.4, -0.5, 0.3], [0.1, 0.2, -0.6]])
+
+        def objective(t):
+            log_pi = jax.nn.log_softmax(t)
+            return -jnp.mean(jnp.sum(jnp.exp(log_pi) * (w.rewards - beta * (log_pi - w.ref)), axis=-1))
+
+        np.testing.assert_allclose(expected_gradient("reinforce", algo, theta, w), jax.grad(objective)(theta),
+                                   atol=1e-12)
+
+
+def test_registry_j_bond_follows_its_objective_for_a_fixed_anchor():
+    """J-BOND (one sample of π_θ, two of the anchor per prompt): the expected gradient is that of
+    `tabular.j_bond_objective` (forward KL to Best-of-2 of the anchor, backward term with the
+    J-BOND reward, γ·KL(π‖π_anchor)), averaged over the prompts."""
+    with jax.enable_x64(True):
+        w = world(num_prompts=2)
+        beta, gamma = 0.4, 0.7
+        algo = algo_config(num_samples=1, beta=beta, gamma=gamma)
+        theta = w.anchor + jnp.asarray([[0.4, -0.5, 0.3], [0.1, 0.2, -0.6]])
+
+        def objective(t):
+            return jnp.mean(tabular.j_bond_objective(t, w.anchor, w.rewards, beta=beta, gamma=gamma))
+
+        np.testing.assert_allclose(expected_gradient("j_bond", algo, theta, w), jax.grad(objective)(theta),
+                                   atol=1e-12)
