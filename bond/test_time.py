@@ -132,8 +132,9 @@ _PROGRAMS: dict[tuple, Callable] = {}
 
 def adaptation_program(setup: Setup, fixed_shardings: Fixed) -> Callable:
     """The jitted per-prompt population step (members split over the mesh's 'data' axis, the
-    state donated), one per program key (`bond.population.program_key`) for the life of the process."""
-    key = population.program_key(setup)
+    state donated), one per program key (`bond.population.program_key` and the judges the step
+    calls) for the life of the process."""
+    key = population.program_key(setup) + (id(setup.reward_fn), id(setup.preference_judge))
     if key not in _PROGRAMS:
         members = population.population_sharding(setup.mesh)
         _PROGRAMS[key] = sharding.jit_sharded(
