@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -34,7 +33,8 @@ def tiny(cache_dir: str, spec: str = "bond.py:quick", **fields):
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.getbasetemp() / "bond_cache_test_time"
+    """tests/test_population.py's cache: the tiny reference (TINY's fields) is the same."""
+    path = tmp_path_factory.getbasetemp() / "bond_cache_population_sweep"
     path.mkdir(exist_ok=True)
     return str(path)
 
