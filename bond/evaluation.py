@@ -14,6 +14,7 @@ from bond.context import Setup
 from bond.models import Responses, response_rows
 from bond.models.preference import symmetric_preference
 from bond.step import draw_samples, reward_params
+from bond.tasks import Prompts
 
 # Exact evaluation enumerates every response; beyond this many per prompt it falls back to sampling.
 MAX_EXACT_RESPONSES = 200_000
@@ -32,12 +33,14 @@ class Evaluator:
     `sharding.process_local(params)` (every process then computes the same metrics).
     """
 
-    def __init__(self, setup: Setup, ref_params, key: jax.Array):
+    def __init__(self, setup: Setup, ref_params, key: jax.Array, prompts: Optional[Prompts] = None):
+        """prompts: the prompts to evaluate on; None: the task's eval prompts (config.eval.num_prompts, config.seed)."""
         self.setup = setup
         self.judge_params = sharding.process_local(setup.judge_params)
         c = setup.config
         task = setup.task
-        prompts = task.prompts("eval", c.eval.num_prompts, c.seed)
+        if prompts is None:
+            prompts = task.prompts("eval", c.eval.num_prompts, c.seed)
         self.prompts, self.prompt_mask = jnp.asarray(prompts.tokens), jnp.asarray(prompts.mask)
         self.ref_params = ref_params
         self.key = key

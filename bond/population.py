@@ -169,13 +169,17 @@ def member(tree: Any, index: jax.typing.ArrayLike) -> Any:
 # The population step
 
 
-def make_population_step(setup: Setup) -> Callable:
+def make_population_step(setup: Setup, per_member_batch: bool = False) -> Callable:
     """vmap of `bond.step.make_train_step(setup)` over the state and `Traced`; `Batch` and `Fixed` shared.
 
     (state[P], batch, fixed, traced[P]) → (state[P], metrics[P]).
+
+    per_member_batch: each member trains on its own prompts, `Batch` with a leading population
+      axis too (batch[P]); test-time adaptation (bond/test_time.py) gives each member one prompt.
     """
+    batch_axis = 0 if per_member_batch else Batch.population_axis
     return jax.vmap(make_train_step(setup),
-                    in_axes=(0, Batch.population_axis, Fixed.population_axis, Traced.population_axis))
+                    in_axes=(0, batch_axis, Fixed.population_axis, Traced.population_axis))
 
 
 def population_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
