@@ -188,7 +188,9 @@ def prepare(setup: Setup, ref_params, policy_params, prompts: Prompts, *, rows: 
             sharding.process_local(ref_params), judges, jnp.asarray(tokens), jnp.asarray(mask), ref_keys)
     hp = traced_inputs(c).hparams
     traced = Traced({k: np.repeat(np.asarray(v)[None], num, 0) for k, v in hp.items()}, keys, reference)
-    batch = Batch(np.repeat(tokens[:, None], rows, 1), np.repeat(mask[:, None], rows, 1), np.zeros((num, rows), np.int32))
+    # No step of an adaptation logs its train metrics: the passes only they read are skipped.
+    batch = Batch(np.repeat(tokens[:, None], rows, 1), np.repeat(mask[:, None], rows, 1), np.zeros((num, rows), np.int32),
+                  np.zeros(num, bool))
 
     size = population.padded_size(num, setup.mesh)
     pad = lambda tree: jax.tree.map(lambda x: np.concatenate([np.asarray(x), np.repeat(np.asarray(x)[-1:], size - num, 0)]), tree)
