@@ -273,7 +273,7 @@ NUMERIC_FIELDS = {
     "checkpoint.keep": ("int", [0, 1]),
     "anchor.period": ("int", [0]),
     "model.num_layers": ("int", [0]),
-    "algo.num_ref_samples": ("int", [0]),
+    "algo.num_samples": ("int", [0]),  # a knob j_bond reads (each algorithm checks the knobs it reads)
     "learning_rate": ("float", [0.0, -1e-3, float("inf")]),
     "temperature": ("float", [0.0, -1.0]),
     "top_p": ("float", [0.0, 1.5]),

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from bond.main import KL_LEGEND, format_summary
+from conftest import xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,16 +26,15 @@ from absl import app
 from bond import main, train
 from bond.checkpoint import Checkpointer
 from bond.metrics import Progress
-from conftest import xla_flags
 
 def run(config, workdir):
-    with Checkpointer(workdir / "checkpoints", save_every=1, keep=1) as checkpointer:
-        checkpointer.save(1, {"w": jnp.zeros(3)}, {"data_position": 0}, force=True)
+    with Checkpointer(workdir / "checkpoints", keep=2) as checkpointer:
+        checkpointer.save(1, {"w": jnp.zeros(3)})
     Progress(1).update(1, {"loss": 0.5})
     return {}
 
 train.run = run
-app.run(main.main)
+app.run(main.main, flags_parser=main._parse_or_exit)
 """
 
 # absl's log line prefix: severity letter, MMDD, time, thread id, file:line]

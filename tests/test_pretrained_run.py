@@ -250,8 +250,8 @@ def test_seeds_only_sweep_of_a_pretrained_config_runs_as_a_population_matching_s
         assert [r["step"] for r in member_rows] == [r["step"] for r in separate_rows]
         for got, want in zip(member_rows, separate_rows):
             assert sorted(got) == sorted(want)
-            for key in want:
-                np.testing.assert_allclose(got[key], want[key], rtol=0, atol=1e-5, err_msg=f"seed {seed} {key}")
-        assert member["after"] == pytest.approx(separate["after"], abs=1e-5)
+            for key in want:  # float32: the population's vmapped matmuls round differently (~1e-6 relative)
+                np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-5, err_msg=f"seed {seed} {key}")
+        assert member["after"] == pytest.approx(separate["after"], rel=1e-5, abs=1e-5)
     # The seeds differ, so the members must too: the comparison above is not of one run with itself.
     assert results[0]["after"]["eval/reward"] != results[1]["after"]["eval/reward"]
