@@ -196,20 +196,29 @@ def uses_reference_cache(setup: Setup) -> bool:
     return bool(setup.plan.reference and setup.plan.cache_reference and setup.config.cache_reference_samples)
 
 
-def build_reference_cache(setup: Setup, ref_params, prompt_source, key: jax.Array, chunk: int = 512) -> Samples:
+def build_reference_cache(setup: Setup, ref_params, prompt_source, key: jax.Array, chunk: int = 512,
+                          rows_used: Optional[int] = None) -> Samples:
     """plan.reference samples of π_ref for every train prompt, scored: Samples with [N, k, ...] leaves.
 
     Drawn once, deterministically from `key` (so a resumed run rebuilds the same cache), in
-    chunks of `chunk` prompts through the same compiled sampler the step uses. With several
-    processes pass process-local `ref_params` (`sharding.process_local`): every process draws the
-    whole cache itself, identically.
+    chunks of `chunk` prompts through the same compiled sampler the step uses; chunk c's samples
+    depend on `key` and c only. A run of T steps of B prompts reads rows below min(N, T·B) only
+    (`batch_rows`): with `rows_used`, the chunks wholly above it are zeros, not drawn (a short run
+    of a large prompt set does not sample the whole set), and every row below it is the same as in
+    the full cache. With several processes pass process-local `ref_params`
+    (`sharding.process_local`): every process draws the cache itself, identically.
     """
     judge_params = sharding.process_local(setup.judge_params)
     num = len(prompt_source)
+    rows_used = num if rows_used is None else min(num, rows_used)
     reads = setup.algorithm.reads_of("reference")
     parts = []
     for start in range(0, num, chunk):
-        batch = read_prompt_rows(prompt_source, range(start, min(start + chunk, num)))
+        size = min(chunk, num - start)
+        if start >= rows_used:  # never read by this run
+            parts.append(jax.tree.map(lambda x: jnp.zeros((size,) + x.shape[1:], x.dtype), parts[0]))
+            continue
+        batch = read_prompt_rows(prompt_source, range(start, start + size))
         parts.append(draw_samples(
             setup, ref_params, jnp.asarray(batch.tokens), jnp.asarray(batch.mask), jax.random.fold_in(key, start),
             setup.plan.reference, judge_params, "reference", {"reference": ref_params}, reads,
@@ -285,7 +294,8 @@ class RunContext:
             return None
         if seed not in self._reference_samples:
             build = functools.partial(build_reference_cache, self.setup, prompt_source=self.prompt_source,
-                                      key=reference_cache_key(seed))
+                                      key=reference_cache_key(seed),
+                                      rows_used=self.config.steps * self.config.batch_size)
             self._reference_samples[seed] = (
                 jax.eval_shape(build, self.local_reference) if self.abstract else build(self.local_reference))
         return self._reference_samples[seed]

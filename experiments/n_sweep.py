@@ -26,7 +26,7 @@ NS_QUICK = (8,)  # each N is a separate program: one in the quick budget
 
 
 def eval_every(quick: bool) -> int:
-    return 10 if quick else 25
+    return 40 if quick else 25  # quick: the ends of its 40 steps only (each exact evaluation enumerates every response)
 
 
 def configs(quick: bool) -> dict:

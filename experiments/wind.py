@@ -247,7 +247,7 @@ METRICS = ("eval/win_rate_vs_ref", "eval/reward", "eval/kl_policy_ref")
 def language_configs(quick: bool) -> dict[str, ml_collections.ConfigDict]:
     """label → config of every language run; the full budget evaluates every 25 of 300 steps."""
     labels = QUICK_LABELS if quick else tuple(LANGUAGE_SPECS)
-    overrides = {"steps": 10, "eval.every": 5, "checkpoint.every": 10} if quick else {"eval.every": 25}
+    overrides = {"steps": 10, "eval.every": 10, "checkpoint.every": 10} if quick else {"eval.every": 25}
     return {label: common.config(LANGUAGE_SPECS[label], quick, **overrides) for label in labels}
 
 

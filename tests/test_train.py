@@ -345,6 +345,11 @@ def test_reference_cache_holds_each_train_prompts_own_samples(cache_dir):
     np.testing.assert_allclose(cache.rewards.reshape(-1), rewards, rtol=1e-6)
     again = build_reference_cache(setup, ref_params, source, key, chunk=1000)
     np.testing.assert_array_equal(again.tokens, cache.tokens)
+    # A run that reads rows below 600 only draws the first chunk: the same samples there, zeros beyond.
+    short = build_reference_cache(setup, ref_params, source, key, chunk=1000, rows_used=600)
+    np.testing.assert_array_equal(short.tokens[:1000], cache.tokens[:1000])
+    np.testing.assert_array_equal(short.rewards[:1000], cache.rewards[:1000])
+    assert short.tokens.shape == cache.tokens.shape and not np.any(short.tokens[1000:])
 
 
 def test_abstract_run_context_lowers_the_real_step(cache_dir):
