@@ -15,6 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import pytest
+
 COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 
 
@@ -39,3 +41,13 @@ LONG_RUNNING_FILES = ("test_experiments.py", "test_train.py", "test_notebooks.py
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONG_RUNNING_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """The stage cache of the test files whose tiny reference is the same (population, sweep,
+    test-time): one folder per worker, so the reference is pretrained once there. Files with
+    another reference define their own `cache_dir`."""
+    path = tmp_path_factory.getbasetemp() / "bond_cache_population_sweep"
+    path.mkdir(exist_ok=True)
+    return str(path)

@@ -48,14 +48,6 @@ MEMBERS = {
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """One cache for tests/test_population.py and tests/test_sweep.py: their tiny reference is the same."""
-    path = tmp_path_factory.getbasetemp() / "bond_cache_population_sweep"
-    path.mkdir(exist_ok=True)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def population_run(cache_dir, tmp_path_factory):
     """The three members as one population on a (2, 1, 1) mesh of fake devices (the population
     axis padded to 4 and split over 'data'): (workdirs, results)."""

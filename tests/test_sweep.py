@@ -231,14 +231,6 @@ def test_sweep_population_mode_runs_unfinished_points_in_chunks(tmp_path, monkey
     assert not error.exists()
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """One cache for tests/test_population.py and tests/test_sweep.py: their tiny reference is the same."""
-    path = tmp_path_factory.getbasetemp() / "bond_cache_population_sweep"
-    path.mkdir(exist_ok=True)
-    return str(path)
-
-
 def test_sweep_command_line_runs_only_unfinished_points_as_processes(cache_dir, tmp_path):
     """`python -m bond.sweep` on a two-point sweep whose first point is already finished: only the
     second runs (in its own `python -m bond.main` process, whose config equals `point_config`); the

@@ -32,14 +32,6 @@ def tiny(cache_dir: str, spec: str = "bond.py:quick", **fields):
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """tests/test_population.py's cache: the tiny reference (TINY's fields) is the same."""
-    path = tmp_path_factory.getbasetemp() / "bond_cache_population_sweep"
-    path.mkdir(exist_ok=True)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def bond_setup(cache_dir):
     """BOND with N = 4 (max(k = 16, N) reference samples, cached; 4 policy samples per row), as the
     command test and the experiment test configure it (2 steps): their compiled programs are shared
