@@ -2,6 +2,7 @@
 
     python -m experiments.all --quick --out /tmp/experiments     # the small budget (the test suite runs it)
     python -m experiments.all --out experiments/results          # the budget the report's numbers come from
+    python -m experiments.all --quick --only=wind,n_sweep        # some of them
 
 Each experiment writes <out>/<name>.json and <out>/<name>.png (experiments/common.py); this
 script adds <out>/all.json, the mode and runtime of each. Runs are resumable: rerunning after an
@@ -34,17 +35,23 @@ EXPERIMENTS: tuple[str, ...] = (
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = common.parse_args(argv, description="Every experiment of experiments/README.md")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    only = [a for a in argv if a.startswith("--only=")]
+    args = common.parse_args([a for a in argv if a not in only], description="Every experiment of experiments/README.md")
+    names = [n for a in only for n in a.removeprefix("--only=").split(",") if n] or list(EXPERIMENTS)
+    unknown = sorted(set(names) - set(EXPERIMENTS))
+    if unknown:
+        raise SystemExit(f"--only: unknown experiments {unknown}; choose from {list(EXPERIMENTS)}")
     start = time.perf_counter()
     records = {}
-    for name in EXPERIMENTS:
+    for name in names:
         module = importlib.import_module(f"experiments.{name}")
         record = common.run_experiment(module.NAME, module.run, args.out, args.quick)
         records[name] = {"mode": record["mode"], "runtime_s": record["runtime_s"]}
         print(f"{name}: {record['runtime_s']} s", flush=True)
     total = time.perf_counter() - start
     (args.out / "all.json").write_text(json.dumps({"runtime_s": round(total, 1), "experiments": records}, indent=1))
-    print(f"all {len(EXPERIMENTS)} experiments in {total:.0f} s -> {args.out}")
+    print(f"{len(names)} experiments in {total:.0f} s -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
 # Test files that run for minutes go first, so that under `pytest -n 2` (pytest.ini) the other
 # worker works through the rest meanwhile instead of waiting for them at the end. (pytest.ini's
 # --no-loadscope-reorder keeps this order: xdist otherwise sends files with the most tests first.)
-LONG_RUNNING_FILES = ("test_experiments.py", "test_train.py", "test_notebooks.py")
+LONG_RUNNING_FILES = ("test_experiments.py", "test_experiments_second_half.py", "test_train.py", "test_notebooks.py")
 
 
 def pytest_collection_modifyitems(config, items):
