@@ -29,7 +29,8 @@ SECOND_HALF = tuple(name for name in EXPERIMENTS if name not in FIRST_HALF)
 
 
 def run_quick(out: Path, names: tuple[str, ...]) -> Path:
-    """`python -m experiments.all --quick --only=<names>` into out/results; returns that folder."""
+    """`python -m experiments.all --quick --only=<names>` into out/results, which then lists exactly
+    `names` in all.json; returns that folder."""
     env = dict(
         os.environ, BOND_CACHE=str(out / "cache"), MPLBACKEND="Agg", XLA_FLAGS=xla_flags(),
         JAX_COMPILATION_CACHE_DIR=str(out / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2",
@@ -39,13 +40,13 @@ def run_quick(out: Path, names: tuple[str, ...]) -> Path:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    summary = json.loads((out / "results" / "all.json").read_text())
+    assert list(summary["experiments"]) == list(names)
     return out / "results"
 
 
 def check_records(results: Path, names: tuple[str, ...]) -> None:
     """Every experiment wrote its figure and quick record, and the record passes its own `check`."""
-    summary = json.loads((results / "all.json").read_text())
-    assert set(names) <= set(summary["experiments"])
     for name in names:
         assert (results / f"{name}.png").stat().st_size > 1000, name
         record = json.loads((results / f"{name}.json").read_text())
@@ -64,7 +65,4 @@ def test_experiment_quick_record_passes_its_checks(quick_first_half, name):
 
 @pytest.fixture(scope="module")
 def quick_first_half(tmp_path_factory) -> Path:
-    results = run_quick(tmp_path_factory.mktemp("experiments"), FIRST_HALF)
-    summary = json.loads((results / "all.json").read_text())
-    assert list(summary["experiments"]) == list(FIRST_HALF)
-    return results
+    return run_quick(tmp_path_factory.mktemp("experiments"), FIRST_HALF)

@@ -1,7 +1,6 @@
 """The second half of the experiments' quick modes (see tests/test_experiments.py), in its own
 file so that the suite's other worker runs it."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -11,10 +10,7 @@ from test_experiments import SECOND_HALF, check_records, run_quick
 
 @pytest.fixture(scope="module")
 def quick_second_half(tmp_path_factory) -> Path:
-    results = run_quick(tmp_path_factory.mktemp("experiments"), SECOND_HALF)
-    summary = json.loads((results / "all.json").read_text())
-    assert list(summary["experiments"]) == list(SECOND_HALF)
-    return results
+    return run_quick(tmp_path_factory.mktemp("experiments"), SECOND_HALF)
 
 
 @pytest.mark.parametrize("name", SECOND_HALF)
