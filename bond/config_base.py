@@ -103,6 +103,24 @@ def base_config() -> ml_collections.ConfigDict:
     # "offline" (sync later with `wandb sync`) or "disabled".
     c.wandb = ml_collections.ConfigDict(dict(project="", entity="", mode=""))
 
+    # Memory at scale (README "Scaling to real models"); the defaults are the plain path, exact on CPU.
+    c.memory = ml_collections.ConfigDict(
+        dict(
+            # Rematerialize each transformer block in the backward pass: 'none' keeps every activation,
+            # 'dots_saveable' keeps only matmul outputs, 'nothing_saveable' recomputes the whole block.
+            remat="none",
+            # Split each step's prompts into this many micro-batches for the log-prob passes and the
+            # gradient (accumulated; the loss's batch statistics stay the full batch's). Must divide batch_size.
+            micro_batches=1,
+            # Response log-probs over chunks of this many vocabulary entries, never materializing the
+            # [B, T, V] float32 logits (0 = one pass over the whole vocabulary).
+            logprob_vocab_chunk=0,
+            # Where the sampler's weights live while decoding: 'fsdp' as trained (gathered at every
+            # token), 'gathered' collected once per sampling call over the batch axes (tensor split kept),
+            # 'auto' = 'gathered' when the mesh has an fsdp axis > 1.
+            decode_weights="auto",
+        )
+    )
     c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 absorbs the remaining devices
     c.num_devices = 0  # devices the mesh spans (the first ones); 0 = all
     c.plots = True
