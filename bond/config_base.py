@@ -168,6 +168,19 @@ def pretrained_smoke_run(c: ml_collections.ConfigDict, prompts: list[str], **pre
     return c
 
 
+def at_model_scale(c: ml_collections.ConfigDict, preset: str, batch_size: int,
+                   judges: tuple[str, ...]) -> ml_collections.ConfigDict:
+    """A pretrained config at a released model's shapes, for `--dry_run` without any file: the policy
+    and the `judges` (config.pretrained fields: 'reward_path', 'preference_path') take the shape preset
+    `preset` (bond/models/presets/<preset>.json, the model's config.json). Training it needs the
+    checkpoints: set those fields to their folders."""
+    c.pretrained.policy_path = f"preset:{preset}"
+    for field in judges:
+        c.pretrained[field] = f"preset:{preset}"
+    c.batch_size = batch_size
+    return c
+
+
 def apply_args(c: ml_collections.ConfigDict, arg: str | None, variants: dict | None = None) -> ml_collections.ConfigDict:
     """Applies a config file's argument: comma-separated variant names, `quick` among them.
 

@@ -74,24 +74,25 @@ def anchor_kind(config, algorithm: Algorithm) -> str:
 
 
 def make_setup(config: ml_collections.ConfigDict, log: Callable[[str], None] = print, *,
-               abstract: bool = False) -> tuple[Setup, Any]:
+               abstract: bool = False, devices: Optional[Sequence[Any]] = None) -> tuple[Setup, Any]:
     """Validates the config, builds (or loads) the reference and reward models; → (Setup, ref params).
 
     abstract: the models' shapes and dtypes only (jax.ShapeDtypeStruct leaves): nothing is trained
       or read, for compiling the run's programs ahead of time (`assemble` then builds an abstract run).
+      A pretrained run then reads only its checkpoints' config.json, or their shape presets.
+    devices: the devices the mesh spans (default jax.devices()), e.g. a TPU topology's
+      (`bond.dry_run.target_devices`) to compile for hardware this process does not have.
     """
-    validate(config)
+    devices = list(jax.devices() if devices is None else devices)
+    validate(config, num_devices=len(devices), shapes_only=abstract)
     algorithm = algorithms.get_algorithm(config.algorithm)
     if any(name not in config.algo for name in algorithm.extra_knobs):  # knobs of an algorithm registered later
         config = ml_collections.ConfigDict(config.to_dict())
         config.algo = algorithm.with_defaults(config.algo)
-    mesh = sharding.make_mesh(config.mesh_shape, devices=jax.devices()[: config.num_devices or None])
+    mesh = sharding.make_mesh(config.mesh_shape, devices=devices[: config.num_devices or None])
     sharding.check_batch_divides(config.batch_size, mesh, field="config.batch_size")
     if config.task == pretrained_task.TASK_NAME:
-        if abstract:
-            raise NotImplementedError("an abstract run of task 'pretrained' needs the checkpoint's shapes without "
-                                      "its weights, which the loader does not give yet; use a built-in task.")
-        setup, ref_params = _pretrained_setup(config, algorithm, mesh, log)
+        setup, ref_params = _pretrained_setup(config, algorithm, mesh, log, abstract)
     else:
         setup, ref_params = _builtin_setup(config, algorithm, mesh, log, abstract)
     if config.min_new_tokens > setup.task.max_response_length:
@@ -102,9 +103,13 @@ def make_setup(config: ml_collections.ConfigDict, log: Callable[[str], None] = p
     return setup, ref_params
 
 
-def _pretrained_setup(config, algorithm: Algorithm, mesh, log) -> tuple[Setup, Any]:
-    """A pretrained checkpoint: policy = reference from its files, judges from theirs, text prompts."""
-    loaded = pretrained_task.load_pretrained_task(config, mesh, log)
+def _pretrained_setup(config, algorithm: Algorithm, mesh, log, abstract: bool = False) -> tuple[Setup, Any]:
+    """A pretrained checkpoint: policy = reference from its files, judges from theirs, text prompts
+    (abstract: shapes from the checkpoints' config.json or presets, `abstract_pretrained_task`)."""
+    if abstract:
+        loaded = pretrained_task.abstract_pretrained_task(config, mesh)
+    else:
+        loaded = pretrained_task.load_pretrained_task(config, mesh, log)
     judge = loaded.preference_judge
     setup = Setup(
         config=ml_collections.FrozenConfigDict(config),
@@ -226,6 +231,19 @@ def build_reference_cache(setup: Setup, ref_params, prompt_source, key: jax.Arra
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
+class _FirstRows(Sequence):
+    """The first `num` rows of a prompt source."""
+
+    def __init__(self, source: Sequence, num: int):
+        self.source, self.num = source, min(num, len(source))
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, index: int):
+        return self.source[index]
+
+
 def _first_on_process_zero(make: Callable[[], Any], name: str) -> Any:
     """make() on process 0, then (after a barrier) on the others: for steps that fill a shared cache."""
     first = jax.process_index() == 0
@@ -274,13 +292,15 @@ class RunContext:
         c = self.config
         rows = batch_rows(step, c.batch_size, len(self.prompt_source))
         prompts = read_prompt_rows(self.prompt_source, rows)
+        logging = is_logging_step(step + 1, c) if logging is None else logging
+        if self.abstract:
+            return abstract_like(Batch(prompts.tokens, prompts.mask, rows.astype(np.int32), np.bool_(logging)),
+                                 self.shardings.batch)
         target = self.shardings.batch.prompts
         local = sharding.local_batch_rows(target, c.batch_size)
         tokens, mask, rows = sharding.host_local_to_global(
             (prompts.tokens[local], prompts.mask[local], rows[local].astype(np.int32)), target)
-        logging = is_logging_step(step + 1, c) if logging is None else logging
-        batch = Batch(tokens, mask, rows, sharding.place(np.bool_(logging), self.shardings.batch.logging))
-        return abstract_like(batch, self.shardings.batch) if self.abstract else batch
+        return Batch(tokens, mask, rows, sharding.place(np.bool_(logging), self.shardings.batch.logging))
 
     @functools.cached_property
     def step(self) -> Callable[[TrainState, Batch, Fixed, Traced], tuple[TrainState, dict]]:
@@ -297,8 +317,15 @@ class RunContext:
                                       key=reference_cache_key(seed),
                                       rows_used=self.config.steps * self.config.batch_size)
             self._reference_samples[seed] = (
-                jax.eval_shape(build, self.local_reference) if self.abstract else build(self.local_reference))
+                self._abstract_reference_samples() if self.abstract else build(self.local_reference))
         return self._reference_samples[seed]
+
+    def _abstract_reference_samples(self) -> Samples:
+        """The shapes of `build_reference_cache`'s output: one chunk's, with a leading axis of every train prompt."""
+        one_chunk = functools.partial(build_reference_cache, self.setup, prompt_source=_FirstRows(self.prompt_source, 1),
+                                      key=reference_cache_key(0))
+        shapes = jax.eval_shape(one_chunk, self.local_reference)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(self.prompt_source),) + x.shape[1:], x.dtype), shapes)
 
     def traced_for(self, config: ml_collections.ConfigDict) -> Traced:
         """`Traced` of `config`, a config that differs from this run's at most in traced fields (a
@@ -309,13 +336,14 @@ class RunContext:
 
 
 def build_context(config: ml_collections.ConfigDict, log: Callable[[str], None] = print, *,
-                  split_batch: bool = True, abstract: bool = False) -> RunContext:
+                  split_batch: bool = True, abstract: bool = False,
+                  devices: Optional[Sequence[Any]] = None) -> RunContext:
     """Assembles the run of `config`: validates it, builds (or loads) the models (`make_setup`),
     then `assemble`s the run around them. With `abstract`, every array of the run is a
     jax.ShapeDtypeStruct carrying its sharding (nothing trained, loaded or drawn): the real run's
     step, compiled ahead of time, `context.step.lower(context.state, context.batch(0),
     context.fixed, context.traced).compile()`, gives its memory and cost analyses."""
-    setup, ref_params = make_setup(config, log, abstract=abstract)
+    setup, ref_params = make_setup(config, log, abstract=abstract, devices=devices)
     return assemble(setup, ref_params, split_batch=split_batch)
 
 

@@ -62,6 +62,13 @@ flags.DEFINE_bool("distributed", False, "Join a multi-host run with jax.distribu
 flags.DEFINE_string("coordinator", None, "host:port of process 0 (--distributed); default: detected.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (--distributed); default: detected.")
 flags.DEFINE_integer("process_id", None, "This process's index (--distributed); default: detected.")
+flags.DEFINE_bool(
+    "dry_run", False, "Compile the train step and the sampler ahead of time from shapes alone (no weights, prompts "
+    "or workdir) and print one JSON line per program: per-chip memory, whether it fits, FLOPs (bond/dry_run.py). "
+    "Exit status 1 when a program does not fit.")
+flags.DEFINE_string(
+    "topology", None, "--dry_run: compile for this TPU topology instead of the local devices, e.g. v5e:2x4 (a v5e-8) "
+    "or v5p:2x2x1 (a v5p-8); needs libtpu (pip install -e \".[tpu]\"), not a TPU.")
 flags.DEFINE_integer(
     "heartbeat_timeout_s", 100, lower_bound=1, help=
     "--distributed: when a process stops (killed, crashed, its host lost), the others stop after this many "
@@ -360,6 +367,20 @@ def main(argv) -> None:
     from bond import train  # imported here so that --help stays fast
 
     config = flags.FLAGS.config
+    if f.topology and not f.dry_run:
+        exit_on_error(UsageError("--topology names hardware to compile for without running: add --dry_run."))
+    if f.dry_run:
+        from bond import dry_run
+
+        try:
+            target = dry_run.target_devices(f.topology)
+        except (ValueError, RuntimeError) as e:
+            exit_on_error(UsageError(str(e)))
+        try:
+            status = dry_run.main(config, f.topology, target)
+        except ConfigError as e:
+            exit_on_error(e)
+        sys.exit(status)
     workdir = Path(flags.FLAGS.workdir) if flags.FLAGS.workdir else default_workdir(config.algorithm)
     try:
         for module in flags.FLAGS.imports:

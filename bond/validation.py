@@ -48,8 +48,14 @@ def _integer(config, path: str, minimum: int) -> int:
     return int(value)
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-    """Checks every field the runner reads; raises ConfigError naming the first bad one."""
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, *, shapes_only: bool = False) -> None:
+    """Checks every field the runner reads; raises ConfigError naming the first bad one.
+
+    num_devices: the devices the mesh will span (default: this process's jax.device_count()), e.g. a
+      TPU topology's when compiling for it ahead of time.
+    shapes_only: a run compiled from shapes alone (`bond.dry_run`): the pretrained task's checkpoints
+      may be shape presets and no tokenizer or prompt file is read.
+    """
     _require(
         config.algorithm in algorithms.names(),
         f"config.algorithm={config.algorithm!r} is not registered; choose one of {algorithms.names()}.",
@@ -92,7 +98,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     if config.reward_model.use_proxy:
         _require(config.task == "synthetic_language", f"config.reward_model.use_proxy needs task 'synthetic_language' (a task with preference data), not {config.task!r}.")
     if config.task == PRETRAINED_TASK:
-        validate_pretrained(config)
+        (validate_pretrained_shapes if shapes_only else validate_pretrained)(config)
     wandb = wandb_problem(config.get("wandb"))
     _require(wandb is None, wandb)
 
@@ -178,6 +184,30 @@ def _same_tokenizer(policy_tokenizer, path: str, field: str) -> None:
         f"{judge_tokenizer.vocab_size} vs {policy_tokenizer.vocab_size} tokens, or other ids for the same tokens): the "
         "judge reads the policy's token ids, so it needs a checkpoint trained with the policy's tokenizer.",
     )
+
+
+def validate_pretrained_shapes(config: ml_collections.ConfigDict) -> None:
+    """The checks of `validate_pretrained` that need no file beyond the checkpoints' config.json (or
+    their shape presets): which judges are set, dtypes, lengths against the policy's positions."""
+    from bond.models.pretrained import read_shapes_config
+    from bond.tasks.pretrained import PARAM_DTYPES
+
+    p = config.pretrained
+    prompt_length = _integer(config, "pretrained.max_prompt_length", 1)
+    new_tokens = _integer(config, "pretrained.max_new_tokens", 1)
+    _require(p.param_dtype in PARAM_DTYPES, f"config.pretrained.param_dtype={p.param_dtype!r} must be one of {PARAM_DTYPES}.")
+    _require(bool(p.reward_path or p.preference_path),
+             "config.pretrained.reward_path and preference_path are both empty; set one (a shape preset will do).")
+    for field in ("policy_path", "reward_path", "preference_path"):
+        if field == "policy_path" or p[field]:
+            try:
+                hf = read_shapes_config(p[field])
+            except ValueError as e:
+                raise ConfigError(f"config.pretrained.{field}: {e}") from None
+            max_len = _hf_value(hf, "max_position_embeddings", "n_positions")
+            _require(max_len is None or prompt_length + new_tokens <= max_len,
+                     f"config.pretrained.max_prompt_length + max_new_tokens = {prompt_length + new_tokens} exceeds the "
+                     f"{max_len} positions of config.pretrained.{field}; lower them.")
 
 
 def validate_pretrained(config: ml_collections.ConfigDict) -> None:

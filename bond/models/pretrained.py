@@ -68,6 +68,11 @@ SEQUENCE_CLASSIFICATION_ARCHITECTURES = {
     "gemma": "GemmaForSequenceClassification",
 }
 
+# Shapes of released checkpoints, for compiling a run ahead of time without any file (`--dry_run`):
+# a checkpoint path "preset:<name>" reads presets/<name>.json, the model's HF config.json.
+PRESET_PREFIX = "preset:"
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
 _SAFETENSORS_DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
@@ -196,6 +201,9 @@ def _write_safetensors(path: Path, tensors: Sequence[tuple[str, tuple[int, ...],
 
 
 def _read_hf_config(folder: Path) -> dict:
+    if str(folder).startswith(PRESET_PREFIX):
+        raise ValueError(f"{folder} names a shape preset (for --dry_run), not a checkpoint; point the path at a "
+                         "checkpoint folder (config.json + safetensors) to load weights.")
     path = folder / CONFIG_FILE
     if not folder.is_dir():
         raise ValueError(f"checkpoint folder {folder} does not exist.")
@@ -604,6 +612,40 @@ def _load_params(checkpoint: _Checkpoint, tensors: list[_Tensor], shapes: dict, 
                 raise RuntimeError(f"{t.hf_name} -> {'/'.join(path)}: shape {view.shape} != {expected}.")
             _set(params, path, _place(view, dtype, _get(shardings, path)))
     return params
+
+
+def preset_names() -> list[str]:
+    """The shape presets shipped in bond/models/presets (each a released model's config.json)."""
+    return sorted(f.stem for f in PRESETS_DIR.glob("*.json"))
+
+
+def read_shapes_config(path: str | Path) -> dict:
+    """The HF config.json of a checkpoint folder or of a shape preset ("preset:gemma_2b"), no weights read."""
+    path = str(path)
+    if not path.startswith(PRESET_PREFIX):
+        folder = Path(path)
+        if not (folder / CONFIG_FILE).exists():
+            raise ValueError(f"{folder} has no {CONFIG_FILE}; give a checkpoint folder or one of the presets "
+                             f"{[PRESET_PREFIX + n for n in preset_names()]}.")
+        hf = json.loads((folder / CONFIG_FILE).read_text())
+        _check_model_type(hf)
+        return hf
+    name = path[len(PRESET_PREFIX):]
+    if name not in preset_names():
+        raise ValueError(f"{path!r} is not a shape preset; the presets are {[PRESET_PREFIX + n for n in preset_names()]}.")
+    return json.loads((PRESETS_DIR / f"{name}.json").read_text())
+
+
+def abstract_pretrained(path: str | Path, *, dtype: Any = None, mesh: Mesh | None = None,
+                        reward_model: bool = False) -> tuple[TransformerConfig, dict]:
+    """(TransformerConfig, params) of a checkpoint folder or shape preset with jax.ShapeDtypeStruct leaves
+    carrying the shardings the loader would give them: `load_pretrained` (or, with `reward_model`,
+    `load_reward_model`: the trunk under 'transformer' plus a one-score head) without reading a weight."""
+    config = config_from_hf(read_shapes_config(path), dtype)
+    init, axes = (init_reward_params, reward_param_logical_axes) if reward_model else (init_params, param_logical_axes)
+    shapes = jax.eval_shape(init, config, jax.random.key(0))
+    shardings = _shardings(shapes, axes(config), mesh)
+    return config, jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), shapes, shardings)
 
 
 def load_pretrained(path: str | Path, *, dtype: Any = None, mesh: Mesh | None = None) -> tuple[TransformerConfig, dict]:

@@ -28,11 +28,13 @@ The reward model reads the policy's token ids directly, so it must share the pol
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from bond.models.preference import PairJudge, pair_scorer_judge
 from bond.models.reward import Responses, RewardFn, reward_model_fn
@@ -120,6 +122,62 @@ def check_lengths(model, p: ml_collections.ConfigDict, what: str, length: int) -
             f"the {what} reads {length} tokens (from config.pretrained.max_prompt_length={p.max_prompt_length} and "
             f"max_new_tokens={p.max_new_tokens}) but its checkpoint accepts at most {max_len}; lower them."
         )
+
+
+class ShapeOnlyPrompts(Sequence):
+    """`num` prompts of length P, all padding: a prompt source with the shapes of a real one and no
+    file behind it, for compiling a run ahead of time (`bond.dry_run`)."""
+
+    def __init__(self, num: int, prompt_length: int):
+        self.num, self.prompt_length = num, prompt_length
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {"prompt": np.zeros(self.prompt_length, np.int32), "prompt_mask": np.ones(self.prompt_length, np.int32)}
+
+
+# Train prompts a shape-only run assumes when config.pretrained.prompts.limit is 0 (xsum's train split).
+SHAPE_ONLY_TRAIN_PROMPTS = 204_045
+
+
+def abstract_pretrained_task(config: ml_collections.ConfigDict, mesh=None) -> PretrainedTask:
+    """`load_pretrained_task` with shapes only: the policy and judges from their checkpoints' config.json
+    or shape presets ("preset:gemma_2b", bond/models/presets), jax.ShapeDtypeStruct parameters with the
+    loader's shardings, no tokenizer and shape-only prompts (`ShapeOnlyPrompts`: prompts.limit rows, or
+    SHAPE_ONLY_TRAIN_PROMPTS). EOS is config.json's eos_token_id and the pair scorer's separator is
+    taken as empty (neither changes a compiled shape beyond the separator's few tokens)."""
+    from bond.models.pretrained import abstract_pretrained, read_shapes_config
+
+    p = config.pretrained
+    dtype = param_dtype(p.param_dtype)
+    model, params = abstract_pretrained(p.policy_path, dtype=dtype, mesh=mesh)
+    judge_params: dict = {}
+    reward_fn: RewardFn = no_reward
+    if p.reward_path:
+        reward_model, judge_params["reward"] = abstract_pretrained(p.reward_path, dtype=dtype, mesh=mesh, reward_model=True)
+        reward_fn = reward_model_fn(reward_model)
+    preference_judge = None
+    if p.preference_path:
+        preference_model, judge_params["preference"] = abstract_pretrained(
+            p.preference_path, dtype=dtype, mesh=mesh, reward_model=True)
+        preference_judge = pair_scorer_judge(reward_model_fn(preference_model), p.max_prompt_length, [])
+    eos = read_shapes_config(p.policy_path).get("eos_token_id") or 0
+    eos = eos[0] if isinstance(eos, list) else eos
+    eval_prompts = ShapeOnlyPrompts(config.eval.num_prompts, p.max_prompt_length)
+    return PretrainedTask(
+        task=Task(name=TASK_NAME, vocab_size=model.vocab_size, prompt_length=p.max_prompt_length,
+                  max_response_length=p.max_new_tokens, prompts=lambda *_: None, eos_id=int(eos)),
+        tokenizer=None,
+        model=model,
+        params=params,
+        judge_params=judge_params,
+        reward_fn=reward_fn,
+        preference_judge=preference_judge,
+        train_prompts=ShapeOnlyPrompts(p.prompts.limit or SHAPE_ONLY_TRAIN_PROMPTS, p.max_prompt_length),
+        eval_prompts=eval_prompts,
+    )
 
 
 def load_pretrained_task(config: ml_collections.ConfigDict, mesh=None, log: Callable[[str], None] = print) -> PretrainedTask:

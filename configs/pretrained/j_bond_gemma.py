@@ -29,11 +29,17 @@ The `tiny` variant runs the same code on the tiny Llama test checkpoint and its 
 (tests/fixtures/pretrained, made by tests/make_pretrained_fixtures.py) for a smoke run on a CPU:
 
     python -m bond.main --config=configs/pretrained/j_bond_gemma.py:tiny --workdir=/tmp/j_bond_tiny
+
+The `gemma_2b` (batch 64) and `gemma_7b` (batch 128, the paper's) variants have the released models'
+shapes from the presets in bond/models/presets, policy and reward model alike, for compiling the run
+ahead of time without any file (README "Scaling to real models"):
+
+    python -m bond.main --config=configs/pretrained/j_bond_gemma.py:gemma_2b --dry_run --topology=v5e:2x4
 """
 
 from pathlib import Path
 
-from bond.config_base import apply_args, base_config, pretrained_smoke_run
+from bond.config_base import apply_args, at_model_scale, base_config, pretrained_smoke_run
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "pretrained"
 TINY_PROMPTS = [
@@ -79,4 +85,8 @@ def get_config(arg: str | None = None):
     c.checkpoint.update(every=100, keep=3)
     c.log_every = 10
     c.mesh_shape = (1, -1, 1)  # FSDP over every device of one host; see the docstring for two hosts
-    return apply_args(c, arg, variants={"tiny": tiny})
+    return apply_args(c, arg, variants={
+        "tiny": tiny,
+        "gemma_2b": lambda c: at_model_scale(c, "gemma_2b", batch_size=64, judges=("reward_path",)),
+        "gemma_7b": lambda c: at_model_scale(c, "gemma_7b", batch_size=128, judges=("reward_path",)),  # the paper's batch
+    })

@@ -33,11 +33,16 @@ The `tiny` variant: the tiny Llama test checkpoint, its reward model as both the
 pair scorer (tests/fixtures/pretrained), a few steps on a CPU:
 
     python -m bond.main --config=configs/pretrained/wind_llama.py:tiny --workdir=/tmp/wind_tiny
+
+The `llama3_8b` variant has Llama-3-8B's shapes (bond/models/presets), for the policy and the pair
+scorer, for compiling the run ahead of time without any file:
+
+    python -m bond.main --config=configs/pretrained/wind_llama.py:llama3_8b --dry_run --topology=v5p:2x2x1
 """
 
 from pathlib import Path
 
-from bond.config_base import apply_args, base_config, pretrained_smoke_run
+from bond.config_base import apply_args, at_model_scale, base_config, pretrained_smoke_run
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "pretrained"
 TINY_PROMPTS = [
@@ -85,4 +90,7 @@ def get_config(arg: str | None = None):
     c.checkpoint.update(every=100, keep=3)
     c.log_every = 10
     c.mesh_shape = (1, -1, 1)
-    return apply_args(c, arg, variants={"tiny": tiny})
+    return apply_args(c, arg, variants={
+        "tiny": tiny,
+        "llama3_8b": lambda c: at_model_scale(c, "llama3_8b", batch_size=c.batch_size, judges=("preference_path",)),
+    })
