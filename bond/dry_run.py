@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -87,6 +88,9 @@ def target_devices(topology: Optional[str]) -> tuple[list[Any], Optional[Chip]]:
         return list(jax.devices()), None
     kind, shape = parse_topology(topology)
     chip = CHIPS[kind]
+    # libtpu takes a machine-wide lock for the TPU it drives; compiling for a topology drives none, so
+    # other processes that loaded libtpu (tests, a second dry run) must not block this one.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
 
@@ -113,8 +117,6 @@ def local_hbm_gib(device) -> Optional[float]:
 
 
 def os_memory_bytes() -> int:
-    import os
-
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -129,7 +131,7 @@ def memory_report(compiled) -> dict[str, float]:
     parts = {"argument_gib": m.argument_size_in_bytes, "output_gib": m.output_size_in_bytes,
              "alias_gib": m.alias_size_in_bytes, "temp_gib": m.temp_size_in_bytes}
     peak = parts["argument_gib"] + parts["output_gib"] - parts["alias_gib"] + parts["temp_gib"]
-    return {k: round(v / GIB, 3) for k, v in {**parts, "peak_gib": peak}.items()}
+    return {k: round(v / GIB, 4) for k, v in {**parts, "peak_gib": peak}.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -105,18 +105,43 @@ def collective_bytes(lines: list[str]) -> int:
     return total
 
 
+def _table(hlo_text: str, title: str) -> dict[int, str]:
+    """A numbered table of the module's header ('FileNames', 'FileLocations', 'StackFrames'): id → text."""
+    match = re.search(rf"^{title}\n((?:\d+ .*\n)+)", hlo_text, re.M)
+    rows = match.group(1).splitlines() if match else []
+    return {int(row.split(" ", 1)[0]): row.split(" ", 1)[1] for row in rows}
+
+
+def source_files(hlo_text: str) -> dict[int, str]:
+    """stack_frame_id → the source file of that frame (the Python line that made an instruction)."""
+    names = {i: text.strip('"') for i, text in _table(hlo_text, "FileNames").items()}
+    locations = {i: int(re.search(r"file_name_id=(\d+)", text).group(1))
+                 for i, text in _table(hlo_text, "FileLocations").items()}
+    frames = _table(hlo_text, "StackFrames")
+    return {i: names.get(locations.get(int(re.search(r"file_location_id=(\d+)", text).group(1))), "")
+            for i, text in frames.items()}
+
+
+def _source_file(line: str, files: dict[int, str]) -> str:
+    source = _SOURCE_FILE.search(line)
+    if source:
+        return source.group(1)
+    frame = re.search(r"stack_frame_id=(\d+)", line)
+    return files.get(int(frame.group(1)), "") if frame else ""
+
+
 def loop_collective_bytes(hlo_text: str, source_suffix: str = "") -> int:
     """Collective bytes moved per iteration of the program's while loops (each loop body with the
-    computations it calls), over the loops whose while instruction comes from a source file ending in
+    computations it calls), over the loops whose while instruction was made by a source file ending in
     `source_suffix` ('' = every loop)."""
     comps = computations(hlo_text)
+    files = source_files(hlo_text)
     total = 0
     for lines in comps.values():
         for _, _, opcode, line in _instructions(lines):
             if opcode != "while":
                 continue
-            source = _SOURCE_FILE.search(line)
-            if source_suffix and not (source and source.group(1).endswith(source_suffix)):
+            if source_suffix and not _source_file(line, files).endswith(source_suffix):
                 continue
             body = re.search(r"body=%([\w.\-]+)", line).group(1)
             total += sum(collective_bytes(comps[name]) for name in _called(comps, body))
