@@ -60,6 +60,16 @@ ACTIVATIONS = {
     "silu": jax.nn.silu,
 }
 NORMS = ("layer_norm", "rms_norm")
+# Which activations of a block the backward pass keeps (TransformerConfig.remat); the rest it recomputes.
+REMAT_POLICIES = {
+    "none": None,  # no rematerialization: every activation is kept
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,  # keep only the block's inputs
+}
+# How a block attends (TransformerConfig.attention): 'einsum' is the explicit einsum/softmax below;
+# the others call jax.nn.dot_product_attention with implementation None (jax's choice: XLA today) or
+# 'cudnn' (fused flash attention on NVIDIA GPUs, bfloat16/float16 only).
+ATTENTIONS = {"einsum": None, "dot_product": None, "cudnn": "cudnn"}
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 POSITION_EMBEDDINGS = ("learned", "rope")
 
@@ -101,6 +111,12 @@ class TransformerConfig:
       out_bias: the attention output projection has a bias.
       mlp_bias: the MLP projections have biases.
       scale_embeddings: multiply token embeddings by sqrt(d_model) in the compute dtype (Gemma).
+      remat: rematerialize each block in the backward pass, one of REMAT_POLICIES ('none' keeps
+        every activation; 'dots_saveable' keeps matmul outputs; 'nothing_saveable' keeps only the
+        block inputs). The values and gradients are the same; only memory and compute change.
+      attention: one of ATTENTIONS: 'einsum' (explicit scores and softmax), 'dot_product'
+        (jax.nn.dot_product_attention) or 'cudnn' (its fused cuDNN kernel; NVIDIA GPUs, 16-bit
+        dtypes). The same function; the dot-product forms differ from 'einsum' by float rounding.
     """
 
     vocab_size: int
@@ -126,6 +142,8 @@ class TransformerConfig:
     out_bias: bool = True
     mlp_bias: bool = True
     scale_embeddings: bool = False
+    remat: str = "none"
+    attention: str = "einsum"
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "d_ff", "max_len"):
@@ -178,6 +196,12 @@ class TransformerConfig:
         if not self.layer_norm_epsilon > 0:
             raise ValueError(
                 f"TransformerConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}."
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"TransformerConfig.remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}.")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(
+                f"TransformerConfig.attention must be one of {tuple(ATTENTIONS)}, got {self.attention!r}."
             )
 
     @property
@@ -425,6 +449,9 @@ class Attention(nn.Module):
             key = jax.lax.dynamic_update_slice(layer_cache.keys, key.astype(layer_cache.keys.dtype), start)
             value = jax.lax.dynamic_update_slice(layer_cache.values, value.astype(layer_cache.values.dtype), start)
             layer_cache = LayerCache(key, value)
+        if c.attention != "einsum":
+            mixed = _dot_product_attention(query, key, value, allowed, ATTENTIONS[c.attention])
+            return HeadMerge(c, name="out")(mixed), layer_cache
         groups = c.num_heads // c.kv_heads
         if groups == 1:
             scores = jnp.einsum("bhtk,bhsk->bhts", query, key).astype(jnp.float32)
@@ -440,6 +467,21 @@ class Attention(nn.Module):
             weights = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
             mixed = jnp.einsum("bhgts,bhsk->bhgtk", weights, value).reshape(query.shape)
         return HeadMerge(c, name="out")(mixed), layer_cache
+
+
+def _dot_product_attention(query, key, value, allowed, implementation: str | None) -> jax.Array:
+    """`Attention`'s mixing step through jax.nn.dot_product_attention: query [B, H, T, head_dim]
+    (already scaled by head_dim^-1/2), key and value [B, K, S, head_dim] (K divides H, query head
+    h reads key head h // (H / K)), allowed [B, T, S] bool -> [B, H, T, head_dim].
+
+    jax's kernels take [B, T, heads, head_dim]; a fully masked row (a padded query) gets uniform
+    weights over its keys, finite as in the einsum path.
+    """
+    to_jax = lambda x: x.transpose(0, 2, 1, 3)
+    mixed = jax.nn.dot_product_attention(
+        to_jax(query), to_jax(key), to_jax(value), mask=allowed[:, None], scale=1.0, implementation=implementation,
+    )
+    return to_jax(mixed)
 
 
 class Mlp(nn.Module):
@@ -518,7 +560,8 @@ class Transformer(nn.Module):
                 param_dtype=c.param_dtype,
                 embedding_init=_normal(_INIT_STD / 2, ("position", "embed")),  # 0.01, as in GPT-2's code
             )
-        self.blocks = [Block(c) for _ in range(c.num_layers)]
+        block = Block if c.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[c.remat])
+        self.blocks = [block(c) for _ in range(c.num_layers)]  # named blocks_0, blocks_1, ... either way
         self.ln_f = _norm(c, "ln_f")
         if not c.tie_embeddings:
             self.lm_head = nn.Dense(
