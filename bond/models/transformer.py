@@ -699,6 +699,7 @@ def sequence_logprobs(
     attention_mask: ArrayLike | None = None,
     temperature: ArrayLike = 1.0,
     shared_prompt_len: int = 0,
+    vocab_chunk: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token and per-sequence log-likelihoods of `tokens` under the model at `temperature`.
 
@@ -721,6 +722,9 @@ def sequence_logprobs(
       temperature: positive scalar dividing the logits.
       shared_prompt_len: P, the prompt length shared by the S responses of each prompt (static;
         0 = no sharing, every row runs in full).
+      vocab_chunk: 0 projects onto the whole vocabulary at once ([rows, T, V] float32 logits); C > 0
+        walks the vocabulary C entries at a time (`chunked_token_logprobs`), so that neither pass
+        holds more than [rows, T, C] logits. Same numbers up to float rounding (static).
 
     Returns:
       (token_logprobs [..., T] float32, seq_logprob [...] float32).
@@ -737,27 +741,88 @@ def sequence_logprobs(
         raise ValueError(f"attention_mask must have the shape of tokens {tokens.shape}, got {mask.shape}.")
     flat_tokens = tokens.reshape(-1, tokens.shape[-1])
     _check_tokens(flat_tokens, config)
+    if not isinstance(vocab_chunk, (int, np.integer)) or isinstance(vocab_chunk, bool) or vocab_chunk < 0:
+        raise ValueError(f"vocab_chunk must be an int >= 0 (0 = the whole vocabulary at once), got {vocab_chunk!r}.")
+    vocab_chunk = int(vocab_chunk)
     if shared_prompt_len:
         _check_shared_prompt(tokens, mask, shared_prompt_len)
         token_logprobs = _shared_prompt_token_logprobs_jit(
             config, params, tokens, mask, response_mask, jnp.asarray(temperature, jnp.float32),
-            prompt_len=shared_prompt_len,
+            prompt_len=shared_prompt_len, vocab_chunk=vocab_chunk,
         )
         return token_logprobs, token_logprobs.sum(axis=-1)
     token_logprobs = _token_logprobs_jit(
         config, params, flat_tokens, mask.reshape(flat_tokens.shape), response_mask.reshape(flat_tokens.shape),
-        jnp.asarray(temperature, jnp.float32),
+        jnp.asarray(temperature, jnp.float32), vocab_chunk=vocab_chunk,
     ).reshape(tokens.shape)
     return token_logprobs, token_logprobs.sum(axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def _token_logprobs_jit(config, params, tokens, mask, response_mask, temperature) -> jax.Array:
-    scaled = _logits_jit(config, params, tokens, mask)[:, :-1] / temperature
-    picked = jnp.take_along_axis(scaled, tokens[:, 1:, None], axis=-1)[..., 0]
-    next_logprobs = picked - jax.nn.logsumexp(scaled, axis=-1)
+@functools.partial(jax.jit, static_argnames=("config", "vocab_chunk"))
+def _token_logprobs_jit(config, params, tokens, mask, response_mask, temperature, *, vocab_chunk=0) -> jax.Array:
+    if vocab_chunk:
+        hidden, _ = Transformer(config).apply(
+            {"params": params}, tokens, positions_from_mask(mask), mask, method=Transformer.hidden_states,
+        )
+        next_logprobs = chunked_token_logprobs(config, params, hidden[:, :-1], tokens[:, 1:], temperature, vocab_chunk)
+    else:
+        scaled = _logits_jit(config, params, tokens, mask)[:, :-1] / temperature
+        picked = jnp.take_along_axis(scaled, tokens[:, 1:, None], axis=-1)[..., 0]
+        next_logprobs = picked - jax.nn.logsumexp(scaled, axis=-1)
     token_logprobs = jnp.pad(next_logprobs, ((0, 0), (1, 0)))
     return jnp.where(response_mask > 0, token_logprobs, 0.0)
+
+
+def output_embedding(config: TransformerConfig, params) -> jax.Array:
+    """The output projection as a [V, D] matrix in the compute dtype: `Transformer.project(h)` = h E^T."""
+    if config.tie_embeddings:
+        matrix = params["wte"]["embedding"]
+    else:
+        matrix = params["lm_head"]["kernel"].T
+    return jnp.asarray(matrix).astype(config.dtype)
+
+
+def chunked_token_logprobs(
+    config: TransformerConfig, params, hidden: jax.Array, targets: jax.Array, temperature: jax.Array, chunk: int,
+) -> jax.Array:
+    """log softmax(project(hidden) / temperature)[targets], walking the vocabulary `chunk` ids at a time.
+
+    hidden [..., D] final-norm hidden states, targets [...] int -> [...] float32. With z the logits
+    over one chunk, an online logsumexp carries the running max m and sum s = sum exp(z - m) from
+    chunk to chunk (m' = max(m, max z), s' = s exp(m - m') + sum exp(z - m')), and the target's
+    logit is picked in the chunk that holds it; the answer is picked - (m + log s). Each chunk's
+    body is rematerialized (jax.checkpoint), so the backward pass recomputes its [N, chunk] logits
+    instead of storing them: memory O(N chunk) instead of O(N V) both ways. A vocabulary that
+    `chunk` does not divide is padded with rows whose logits are -inf.
+    """
+    lead, width = hidden.shape[:-1], hidden.shape[-1]
+    h = hidden.reshape(-1, width).astype(config.dtype)
+    targets = targets.reshape(-1)
+    matrix = output_embedding(config, params)
+    vocab = matrix.shape[0]
+    num_chunks = -(-vocab // chunk)
+    matrix = jnp.pad(matrix, ((0, num_chunks * chunk - vocab), (0, 0))).reshape(num_chunks, chunk, width)
+
+    @jax.checkpoint
+    def body(carry, xs):
+        running_max, running_sum, picked = carry
+        rows, start = xs
+        z = jnp.dot(h, rows.T).astype(jnp.float32) / temperature
+        ids = start + jnp.arange(chunk)
+        z = jnp.where(ids < vocab, z, -jnp.inf)
+        # The logsumexp's value does not depend on the shift, so its gradient need not flow through it.
+        new_max = jax.lax.stop_gradient(jnp.maximum(running_max, z.max(axis=-1)))
+        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(z - new_max[:, None]).sum(axis=-1)
+        offset = targets - start
+        inside = (offset >= 0) & (offset < chunk)
+        here = jnp.take_along_axis(z, jnp.clip(offset, 0, chunk - 1)[:, None], axis=-1)[:, 0]
+        return (new_max, running_sum, picked + jnp.where(inside, here, 0.0)), None
+
+    rows = h.shape[0]
+    init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.float32))
+    starts = jnp.arange(num_chunks) * chunk
+    (running_max, running_sum, picked), _ = jax.lax.scan(body, init, (matrix, starts))
+    return (picked - (running_max + jnp.log(running_sum))).reshape(lead)
 
 
 def _check_shared_prompt(tokens: jax.Array, mask: jax.Array, prompt_len) -> None:
@@ -782,8 +847,9 @@ def _check_shared_prompt(tokens: jax.Array, mask: jax.Array, prompt_len) -> None
             )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "prompt_len"))
-def _shared_prompt_token_logprobs_jit(config, params, tokens, mask, response_mask, temperature, *, prompt_len):
+@functools.partial(jax.jit, static_argnames=("config", "prompt_len", "vocab_chunk"))
+def _shared_prompt_token_logprobs_jit(config, params, tokens, mask, response_mask, temperature, *, prompt_len,
+                                      vocab_chunk=0):
     """`_token_logprobs_jit` for [B, S, T] rows sharing their first `prompt_len` columns per prompt.
 
     Prefill the B prompts into a KV cache, repeat it S times, run the responses' inputs (columns
@@ -802,15 +868,25 @@ def _shared_prompt_token_logprobs_jit(config, params, tokens, mask, response_mas
     repeat = lambda x: jnp.repeat(x, samples, axis=0)
     # one slot per response input (columns P .. T-2) after the prompt's
     cache = jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, length - 1 - prompt_len), (0, 0))), cache)
-    next_logits = repeat(module.apply(variables, hidden[:, -1:], method=Transformer.project))  # scores column P
-    if length - 1 > prompt_len:
-        response_logits, _ = module.apply(
-            variables, rows(tokens[:, :, prompt_len:-1]), rows(positions[:, :, prompt_len:-1]),
-            rows(mask[:, :, :-1]), jax.tree.map(repeat, cache), prompt_len,
-        )
-        next_logits = jnp.concatenate([next_logits, response_logits], axis=1)
-    scaled = next_logits / temperature  # [B·S, T - P, V]: the logits scoring columns P .. T-1
-    picked = jnp.take_along_axis(scaled, rows(tokens[:, :, prompt_len:])[..., None], axis=-1)[..., 0]
-    response_logprobs = (picked - jax.nn.logsumexp(scaled, axis=-1)).reshape(batch, samples, -1)
+    targets = rows(tokens[:, :, prompt_len:])
+    response_args = (
+        variables, rows(tokens[:, :, prompt_len:-1]), rows(positions[:, :, prompt_len:-1]),
+        rows(mask[:, :, :-1]), jax.tree.map(repeat, cache), prompt_len,
+    )
+    if vocab_chunk:
+        next_hidden = repeat(hidden[:, -1:])  # scores column P
+        if length - 1 > prompt_len:
+            response_hidden, _ = module.apply(*response_args, method=Transformer.hidden_states)
+            next_hidden = jnp.concatenate([next_hidden, response_hidden], axis=1)
+        response_logprobs = chunked_token_logprobs(config, params, next_hidden, targets, temperature, vocab_chunk)
+    else:
+        next_logits = repeat(module.apply(variables, hidden[:, -1:], method=Transformer.project))  # scores column P
+        if length - 1 > prompt_len:
+            response_logits, _ = module.apply(*response_args)
+            next_logits = jnp.concatenate([next_logits, response_logits], axis=1)
+        scaled = next_logits / temperature  # [B·S, T - P, V]: the logits scoring columns P .. T-1
+        picked = jnp.take_along_axis(scaled, targets[..., None], axis=-1)[..., 0]
+        response_logprobs = picked - jax.nn.logsumexp(scaled, axis=-1)
+    response_logprobs = response_logprobs.reshape(batch, samples, -1)
     token_logprobs = jnp.pad(response_logprobs, ((0, 0), (0, 0), (prompt_len, 0)))
     return jnp.where(response_mask > 0, token_logprobs, 0.0)
