@@ -119,6 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
             # token), 'gathered' collected once per sampling call over the batch axes (tensor split kept),
             # 'auto' = 'gathered' when the mesh has an fsdp axis > 1.
             decode_weights="auto",
+            # How attention is computed: 'einsum' (explicit scores and softmax), 'dot_product'
+            # (jax.nn.dot_product_attention) or 'cudnn' (its fused flash kernel; NVIDIA GPUs, bfloat16).
+            attention="einsum",
         )
     )
     c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 absorbs the remaining devices

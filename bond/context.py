@@ -100,7 +100,16 @@ def make_setup(config: ml_collections.ConfigDict, log: Callable[[str], None] = p
             f"config.min_new_tokens={config.min_new_tokens} exceeds the task's response length "
             f"{setup.task.max_response_length}; lower it (0 = off)."
         )
-    return setup, ref_params
+    return dataclasses.replace(setup, model=with_memory_options(setup.model, config.memory)), ref_params
+
+
+def with_memory_options(model: TransformerConfig, memory: ml_collections.ConfigDict) -> TransformerConfig:
+    """The policy's architecture with the run's `config.memory` choices of how it computes (block
+    rematerialization, attention kernel): the same function and parameter tree, other memory and speed.
+
+    Applied once the reference and judges are built, so their cache keys are those of the plain model.
+    """
+    return dataclasses.replace(model, remat=memory.remat, attention=memory.attention)
 
 
 def _pretrained_setup(config, algorithm: Algorithm, mesh, log, abstract: bool = False) -> tuple[Setup, Any]:

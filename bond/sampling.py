@@ -226,10 +226,12 @@ def _sample_jit(config, params, prompts, prompt_mask, key, temperature, top_p, *
     vocab_ids = jnp.arange(config.vocab_size)
     repeat = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
 
-    prefill_logits, prompt_cache = module.apply(
+    prompt_hidden, prompt_cache = module.apply(
         {"params": params}, prompts, positions_from_mask(prompt_mask), prompt_mask,
-        init_cache(config, batch, prompt_len), 0,
+        init_cache(config, batch, prompt_len), 0, method=Transformer.hidden_states,
     )
+    # Only the last prompt position is projected onto the vocabulary: it scores response token 0.
+    prefill_logits = module.apply({"params": params}, prompt_hidden[:, -1], method=Transformer.project)
     # Decoding cache: the prompt's keys/values for each of the N samples, then one slot per fed
     # response token (the last drawn token is never fed back: max_new_tokens - 1 slots).
     new_slots = ((0, 0), (0, 0), (0, max_new_tokens - 1), (0, 0))
@@ -250,7 +252,7 @@ def _sample_jit(config, params, prompts, prompt_mask, key, temperature, top_p, *
         return jnp.where(done, PAD_ID, token), jnp.where(done, 0.0, token_logp)
 
     not_done = jnp.zeros((num_rows,), bool)
-    token, token_logp = draw(0, repeat(prefill_logits[:, -1]), not_done)
+    token, token_logp = draw(0, repeat(prefill_logits), not_done)
     responses = jnp.zeros((num_rows, max_new_tokens), jnp.int32).at[:, 0].set(token)
     logprobs = jnp.zeros((num_rows, max_new_tokens), jnp.float32).at[:, 0].set(token_logp)
 

@@ -204,7 +204,7 @@ def policy_logprobs(setup: Setup, params, samples: Samples, prompt_length: int) 
     """log π(y | x) of [B, S, T] samples whose first `prompt_length` columns are their prompt: [B, S]."""
     return sequence_logprobs(
         params, samples.tokens, samples.response_mask, model=setup.model, attention_mask=samples.attention_mask,
-        shared_prompt_len=prompt_length,
+        shared_prompt_len=prompt_length, vocab_chunk=setup.config.memory.logprob_vocab_chunk,
     )[1]
 
 

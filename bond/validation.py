@@ -15,6 +15,7 @@ import ml_collections
 
 from bond import algorithms, sharding
 from bond.metrics import wandb_problem
+from bond.models.transformer import ATTENTIONS, REMAT_POLICIES
 from bond.sampling import PLAIN_SAMPLING
 from bond.tasks import TASK_NAMES
 
@@ -95,6 +96,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
         config.model.d_model % config.model.num_heads == 0,
         f"config.model.d_model={config.model.d_model} must be divisible by config.model.num_heads={config.model.num_heads}.",
     )
+    _validate_memory(config)
     if config.reward_model.use_proxy:
         _require(config.task == "synthetic_language", f"config.reward_model.use_proxy needs task 'synthetic_language' (a task with preference data), not {config.task!r}.")
     if config.task == PRETRAINED_TASK:
@@ -208,6 +210,18 @@ def validate_pretrained_shapes(config: ml_collections.ConfigDict) -> None:
             _require(max_len is None or prompt_length + new_tokens <= max_len,
                      f"config.pretrained.max_prompt_length + max_new_tokens = {prompt_length + new_tokens} exceeds the "
                      f"{max_len} positions of config.pretrained.{field}; lower them.")
+
+
+def _validate_memory(config: ml_collections.ConfigDict) -> None:
+    """config.memory's model-level choices (bond/models/transformer.py): remat, attention, vocabulary chunk."""
+    memory = config.memory
+    _require(memory.remat in REMAT_POLICIES,
+             f"config.memory.remat={memory.remat!r} must be one of {tuple(REMAT_POLICIES)}.")
+    _require(memory.attention in ATTENTIONS,
+             f"config.memory.attention={memory.attention!r} must be one of {tuple(ATTENTIONS)}.")
+    _require(memory.attention != "cudnn" or jax.default_backend() == "gpu",
+             f"config.memory.attention='cudnn' needs NVIDIA GPUs, not {jax.default_backend()!r}; use 'dot_product'.")
+    _integer(config, "memory.logprob_vocab_chunk", 0)
 
 
 def validate_pretrained(config: ml_collections.ConfigDict) -> None:

@@ -60,6 +60,16 @@ ACTIVATIONS = {
     "silu": jax.nn.silu,
 }
 NORMS = ("layer_norm", "rms_norm")
+# Which activations of a block the backward pass keeps (TransformerConfig.remat); the rest it recomputes.
+REMAT_POLICIES = {
+    "none": None,  # no rematerialization: every activation is kept
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,  # keep only the block's inputs
+}
+# How a block attends (TransformerConfig.attention): 'einsum' is the explicit einsum/softmax below;
+# the others call jax.nn.dot_product_attention with implementation None (jax's choice: XLA today) or
+# 'cudnn' (fused flash attention on NVIDIA GPUs, bfloat16/float16 only).
+ATTENTIONS = {"einsum": None, "dot_product": None, "cudnn": "cudnn"}
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 POSITION_EMBEDDINGS = ("learned", "rope")
 
@@ -101,6 +111,12 @@ class TransformerConfig:
       out_bias: the attention output projection has a bias.
       mlp_bias: the MLP projections have biases.
       scale_embeddings: multiply token embeddings by sqrt(d_model) in the compute dtype (Gemma).
+      remat: rematerialize each block in the backward pass, one of REMAT_POLICIES ('none' keeps
+        every activation; 'dots_saveable' keeps matmul outputs; 'nothing_saveable' keeps only the
+        block inputs). The values and gradients are the same; only memory and compute change.
+      attention: one of ATTENTIONS: 'einsum' (explicit scores and softmax), 'dot_product'
+        (jax.nn.dot_product_attention) or 'cudnn' (its fused cuDNN kernel; NVIDIA GPUs, 16-bit
+        dtypes). The same function; the dot-product forms differ from 'einsum' by float rounding.
     """
 
     vocab_size: int
@@ -126,6 +142,8 @@ class TransformerConfig:
     out_bias: bool = True
     mlp_bias: bool = True
     scale_embeddings: bool = False
+    remat: str = "none"
+    attention: str = "einsum"
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "d_ff", "max_len"):
@@ -178,6 +196,12 @@ class TransformerConfig:
         if not self.layer_norm_epsilon > 0:
             raise ValueError(
                 f"TransformerConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}."
+            )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"TransformerConfig.remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}.")
+        if self.attention not in ATTENTIONS:
+            raise ValueError(
+                f"TransformerConfig.attention must be one of {tuple(ATTENTIONS)}, got {self.attention!r}."
             )
 
     @property
@@ -425,6 +449,9 @@ class Attention(nn.Module):
             key = jax.lax.dynamic_update_slice(layer_cache.keys, key.astype(layer_cache.keys.dtype), start)
             value = jax.lax.dynamic_update_slice(layer_cache.values, value.astype(layer_cache.values.dtype), start)
             layer_cache = LayerCache(key, value)
+        if c.attention != "einsum":
+            mixed = _dot_product_attention(query, key, value, allowed, ATTENTIONS[c.attention])
+            return HeadMerge(c, name="out")(mixed), layer_cache
         groups = c.num_heads // c.kv_heads
         if groups == 1:
             scores = jnp.einsum("bhtk,bhsk->bhts", query, key).astype(jnp.float32)
@@ -440,6 +467,21 @@ class Attention(nn.Module):
             weights = jax.nn.softmax(scores, axis=-1).astype(c.dtype)
             mixed = jnp.einsum("bhgts,bhsk->bhgtk", weights, value).reshape(query.shape)
         return HeadMerge(c, name="out")(mixed), layer_cache
+
+
+def _dot_product_attention(query, key, value, allowed, implementation: str | None) -> jax.Array:
+    """`Attention`'s mixing step through jax.nn.dot_product_attention: query [B, H, T, head_dim]
+    (already scaled by head_dim^-1/2), key and value [B, K, S, head_dim] (K divides H, query head
+    h reads key head h // (H / K)), allowed [B, T, S] bool -> [B, H, T, head_dim].
+
+    jax's kernels take [B, T, heads, head_dim]; a fully masked row (a padded query) gets uniform
+    weights over its keys, finite as in the einsum path.
+    """
+    to_jax = lambda x: x.transpose(0, 2, 1, 3)
+    mixed = jax.nn.dot_product_attention(
+        to_jax(query), to_jax(key), to_jax(value), mask=allowed[:, None], scale=1.0, implementation=implementation,
+    )
+    return to_jax(mixed)
 
 
 class Mlp(nn.Module):
@@ -518,7 +560,8 @@ class Transformer(nn.Module):
                 param_dtype=c.param_dtype,
                 embedding_init=_normal(_INIT_STD / 2, ("position", "embed")),  # 0.01, as in GPT-2's code
             )
-        self.blocks = [Block(c) for _ in range(c.num_layers)]
+        block = Block if c.remat == "none" else nn.remat(Block, policy=REMAT_POLICIES[c.remat])
+        self.blocks = [block(c) for _ in range(c.num_layers)]  # named blocks_0, blocks_1, ... either way
         self.ln_f = _norm(c, "ln_f")
         if not c.tie_embeddings:
             self.lm_head = nn.Dense(
@@ -656,6 +699,7 @@ def sequence_logprobs(
     attention_mask: ArrayLike | None = None,
     temperature: ArrayLike = 1.0,
     shared_prompt_len: int = 0,
+    vocab_chunk: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token and per-sequence log-likelihoods of `tokens` under the model at `temperature`.
 
@@ -678,6 +722,9 @@ def sequence_logprobs(
       temperature: positive scalar dividing the logits.
       shared_prompt_len: P, the prompt length shared by the S responses of each prompt (static;
         0 = no sharing, every row runs in full).
+      vocab_chunk: 0 projects onto the whole vocabulary at once ([rows, T, V] float32 logits); C > 0
+        walks the vocabulary C entries at a time (`chunked_token_logprobs`), so that neither pass
+        holds more than [rows, T, C] logits. Same numbers up to float rounding (static).
 
     Returns:
       (token_logprobs [..., T] float32, seq_logprob [...] float32).
@@ -694,27 +741,88 @@ def sequence_logprobs(
         raise ValueError(f"attention_mask must have the shape of tokens {tokens.shape}, got {mask.shape}.")
     flat_tokens = tokens.reshape(-1, tokens.shape[-1])
     _check_tokens(flat_tokens, config)
+    if not isinstance(vocab_chunk, (int, np.integer)) or isinstance(vocab_chunk, bool) or vocab_chunk < 0:
+        raise ValueError(f"vocab_chunk must be an int >= 0 (0 = the whole vocabulary at once), got {vocab_chunk!r}.")
+    vocab_chunk = int(vocab_chunk)
     if shared_prompt_len:
         _check_shared_prompt(tokens, mask, shared_prompt_len)
         token_logprobs = _shared_prompt_token_logprobs_jit(
             config, params, tokens, mask, response_mask, jnp.asarray(temperature, jnp.float32),
-            prompt_len=shared_prompt_len,
+            prompt_len=shared_prompt_len, vocab_chunk=vocab_chunk,
         )
         return token_logprobs, token_logprobs.sum(axis=-1)
     token_logprobs = _token_logprobs_jit(
         config, params, flat_tokens, mask.reshape(flat_tokens.shape), response_mask.reshape(flat_tokens.shape),
-        jnp.asarray(temperature, jnp.float32),
+        jnp.asarray(temperature, jnp.float32), vocab_chunk=vocab_chunk,
     ).reshape(tokens.shape)
     return token_logprobs, token_logprobs.sum(axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def _token_logprobs_jit(config, params, tokens, mask, response_mask, temperature) -> jax.Array:
-    scaled = _logits_jit(config, params, tokens, mask)[:, :-1] / temperature
-    picked = jnp.take_along_axis(scaled, tokens[:, 1:, None], axis=-1)[..., 0]
-    next_logprobs = picked - jax.nn.logsumexp(scaled, axis=-1)
+@functools.partial(jax.jit, static_argnames=("config", "vocab_chunk"))
+def _token_logprobs_jit(config, params, tokens, mask, response_mask, temperature, *, vocab_chunk=0) -> jax.Array:
+    if vocab_chunk:
+        hidden, _ = Transformer(config).apply(
+            {"params": params}, tokens, positions_from_mask(mask), mask, method=Transformer.hidden_states,
+        )
+        next_logprobs = chunked_token_logprobs(config, params, hidden[:, :-1], tokens[:, 1:], temperature, vocab_chunk)
+    else:
+        scaled = _logits_jit(config, params, tokens, mask)[:, :-1] / temperature
+        picked = jnp.take_along_axis(scaled, tokens[:, 1:, None], axis=-1)[..., 0]
+        next_logprobs = picked - jax.nn.logsumexp(scaled, axis=-1)
     token_logprobs = jnp.pad(next_logprobs, ((0, 0), (1, 0)))
     return jnp.where(response_mask > 0, token_logprobs, 0.0)
+
+
+def output_embedding(config: TransformerConfig, params) -> jax.Array:
+    """The output projection as a [V, D] matrix in the compute dtype: `Transformer.project(h)` = h E^T."""
+    if config.tie_embeddings:
+        matrix = params["wte"]["embedding"]
+    else:
+        matrix = params["lm_head"]["kernel"].T
+    return jnp.asarray(matrix).astype(config.dtype)
+
+
+def chunked_token_logprobs(
+    config: TransformerConfig, params, hidden: jax.Array, targets: jax.Array, temperature: jax.Array, chunk: int,
+) -> jax.Array:
+    """log softmax(project(hidden) / temperature)[targets], walking the vocabulary `chunk` ids at a time.
+
+    hidden [..., D] final-norm hidden states, targets [...] int -> [...] float32. With z the logits
+    over one chunk, an online logsumexp carries the running max m and sum s = sum exp(z - m) from
+    chunk to chunk (m' = max(m, max z), s' = s exp(m - m') + sum exp(z - m')), and the target's
+    logit is picked in the chunk that holds it; the answer is picked - (m + log s). Each chunk's
+    body is rematerialized (jax.checkpoint), so the backward pass recomputes its [N, chunk] logits
+    instead of storing them: memory O(N chunk) instead of O(N V) both ways. A vocabulary that
+    `chunk` does not divide is padded with rows whose logits are -inf.
+    """
+    lead, width = hidden.shape[:-1], hidden.shape[-1]
+    h = hidden.reshape(-1, width).astype(config.dtype)
+    targets = targets.reshape(-1)
+    matrix = output_embedding(config, params)
+    vocab = matrix.shape[0]
+    num_chunks = -(-vocab // chunk)
+    matrix = jnp.pad(matrix, ((0, num_chunks * chunk - vocab), (0, 0))).reshape(num_chunks, chunk, width)
+
+    @jax.checkpoint
+    def body(carry, xs):
+        running_max, running_sum, picked = carry
+        rows, start = xs
+        z = jnp.dot(h, rows.T).astype(jnp.float32) / temperature
+        ids = start + jnp.arange(chunk)
+        z = jnp.where(ids < vocab, z, -jnp.inf)
+        # The logsumexp's value does not depend on the shift, so its gradient need not flow through it.
+        new_max = jax.lax.stop_gradient(jnp.maximum(running_max, z.max(axis=-1)))
+        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(z - new_max[:, None]).sum(axis=-1)
+        offset = targets - start
+        inside = (offset >= 0) & (offset < chunk)
+        here = jnp.take_along_axis(z, jnp.clip(offset, 0, chunk - 1)[:, None], axis=-1)[:, 0]
+        return (new_max, running_sum, picked + jnp.where(inside, here, 0.0)), None
+
+    rows = h.shape[0]
+    init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.float32))
+    starts = jnp.arange(num_chunks) * chunk
+    (running_max, running_sum, picked), _ = jax.lax.scan(body, init, (matrix, starts))
+    return (picked - (running_max + jnp.log(running_sum))).reshape(lead)
 
 
 def _check_shared_prompt(tokens: jax.Array, mask: jax.Array, prompt_len) -> None:
@@ -739,8 +847,9 @@ def _check_shared_prompt(tokens: jax.Array, mask: jax.Array, prompt_len) -> None
             )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "prompt_len"))
-def _shared_prompt_token_logprobs_jit(config, params, tokens, mask, response_mask, temperature, *, prompt_len):
+@functools.partial(jax.jit, static_argnames=("config", "prompt_len", "vocab_chunk"))
+def _shared_prompt_token_logprobs_jit(config, params, tokens, mask, response_mask, temperature, *, prompt_len,
+                                      vocab_chunk=0):
     """`_token_logprobs_jit` for [B, S, T] rows sharing their first `prompt_len` columns per prompt.
 
     Prefill the B prompts into a KV cache, repeat it S times, run the responses' inputs (columns
@@ -759,15 +868,25 @@ def _shared_prompt_token_logprobs_jit(config, params, tokens, mask, response_mas
     repeat = lambda x: jnp.repeat(x, samples, axis=0)
     # one slot per response input (columns P .. T-2) after the prompt's
     cache = jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, length - 1 - prompt_len), (0, 0))), cache)
-    next_logits = repeat(module.apply(variables, hidden[:, -1:], method=Transformer.project))  # scores column P
-    if length - 1 > prompt_len:
-        response_logits, _ = module.apply(
-            variables, rows(tokens[:, :, prompt_len:-1]), rows(positions[:, :, prompt_len:-1]),
-            rows(mask[:, :, :-1]), jax.tree.map(repeat, cache), prompt_len,
-        )
-        next_logits = jnp.concatenate([next_logits, response_logits], axis=1)
-    scaled = next_logits / temperature  # [B·S, T - P, V]: the logits scoring columns P .. T-1
-    picked = jnp.take_along_axis(scaled, rows(tokens[:, :, prompt_len:])[..., None], axis=-1)[..., 0]
-    response_logprobs = (picked - jax.nn.logsumexp(scaled, axis=-1)).reshape(batch, samples, -1)
+    targets = rows(tokens[:, :, prompt_len:])
+    response_args = (
+        variables, rows(tokens[:, :, prompt_len:-1]), rows(positions[:, :, prompt_len:-1]),
+        rows(mask[:, :, :-1]), jax.tree.map(repeat, cache), prompt_len,
+    )
+    if vocab_chunk:
+        next_hidden = repeat(hidden[:, -1:])  # scores column P
+        if length - 1 > prompt_len:
+            response_hidden, _ = module.apply(*response_args, method=Transformer.hidden_states)
+            next_hidden = jnp.concatenate([next_hidden, response_hidden], axis=1)
+        response_logprobs = chunked_token_logprobs(config, params, next_hidden, targets, temperature, vocab_chunk)
+    else:
+        next_logits = repeat(module.apply(variables, hidden[:, -1:], method=Transformer.project))  # scores column P
+        if length - 1 > prompt_len:
+            response_logits, _ = module.apply(*response_args)
+            next_logits = jnp.concatenate([next_logits, response_logits], axis=1)
+        scaled = next_logits / temperature  # [B·S, T - P, V]: the logits scoring columns P .. T-1
+        picked = jnp.take_along_axis(scaled, targets[..., None], axis=-1)[..., 0]
+        response_logprobs = picked - jax.nn.logsumexp(scaled, axis=-1)
+    response_logprobs = response_logprobs.reshape(batch, samples, -1)
     token_logprobs = jnp.pad(response_logprobs, ((0, 0), (0, 0), (prompt_len, 0)))
     return jnp.where(response_mask > 0, token_logprobs, 0.0)
