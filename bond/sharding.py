@@ -284,15 +284,21 @@ def device_put_global(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(put, tree, shardings)
 
 
+def broadcast_shardings(shardings: Any, tree: Any) -> Any:
+    """`shardings`, a prefix of `tree` (one sharding per subtree, as jax.jit's in_shardings take
+    them), expanded to one sharding per leaf of `tree`."""
+    return jax.tree.map(lambda s, subtree: jax.tree.map(lambda _: s, subtree), shardings, tree,
+                        is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+
 def place(tree: Any, shardings: Any) -> Any:
-    """`tree` on `shardings` (a matching pytree or one sharding), from values every process holds in full.
+    """`tree` on `shardings` (a matching pytree, a prefix of it, or one sharding), from values every process holds in full.
 
     With one process this is `jax.device_put`; with several, `device_put_global` (a host copy,
     each process filling its own devices), since `jax.device_put` cannot reach other processes'
     devices.
     """
-    if isinstance(shardings, jax.sharding.Sharding):
-        shardings = jax.tree.map(lambda _: shardings, tree)
+    shardings = broadcast_shardings(shardings, tree)
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
     return device_put_global(tree, shardings)

@@ -223,8 +223,9 @@ def _leading_dims(hlo_text: str, last_dim: int) -> set[int]:
 
 def test_fsdp_step_splits_activations_over_the_batch_and_equals_one_device(cache_dir):
     """BOND's real step on mesh (1, 8, 1): every device holds 1/8 of the rows of each MLP activation
-    (without the constraints XLA keeps all of them on every device), and one step gives the
-    one-device step's parameters and metrics."""
+    (without the constraints XLA keeps all of them on every device), the per-prompt reference
+    samples are split over the devices too, and one step gives the one-device step's parameters and
+    metrics."""
     runs = {n: build_context(tiny(cache_dir, "bond", num_devices=n, mesh_shape=(1, n, 1)), log=lambda _: None)
             for n in (1, 8)}
     fsdp = runs[8]
@@ -233,6 +234,8 @@ def test_fsdp_step_splits_activations_over_the_batch_and_equals_one_device(cache
     rows = fsdp.config.batch_size * fsdp.setup.plan.policy  # the loss's log-prob pass over the policy's samples
     per_device = _leading_dims(hlo, fsdp.config.model.d_ff)
     assert per_device and max(per_device) == rows // 8, per_device
+    cache = fsdp.traced.reference_samples.tokens
+    assert cache.addressable_shards[0].data.shape[0] == cache.shape[0] // 8
 
     (state, metrics), (state1, metrics1) = (runs[n].step(*inputs[n]) for n in (8, 1))
     for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(state1.params)):
