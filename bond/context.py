@@ -211,7 +211,7 @@ def uses_reference_cache(setup: Setup) -> bool:
 
 
 def build_reference_cache(setup: Setup, ref_params, prompt_source, key: jax.Array, chunk: int = 512,
-                          rows_used: Optional[int] = None) -> Samples:
+                          rows_used: Optional[int] = None, pad_to: int = 1) -> Samples:
     """plan.reference samples of π_ref for every train prompt, scored: Samples with [N, k, ...] leaves.
 
     Drawn once, deterministically from `key` (so a resumed run rebuilds the same cache), in
@@ -220,7 +220,9 @@ def build_reference_cache(setup: Setup, ref_params, prompt_source, key: jax.Arra
     (`batch_rows`): with `rows_used`, the chunks wholly above it are zeros, not drawn (a short run
     of a large prompt set does not sample the whole set), and every row below it is the same as in
     the full cache. With several processes pass process-local `ref_params`
-    (`sharding.process_local`): every process draws the cache itself, identically.
+    (`sharding.process_local`): every process draws the cache itself, identically. `pad_to`: zero
+    rows appended up to a multiple of it (never read: prompt rows are < N), so that the prompt axis
+    splits evenly over the mesh's batch shards.
     """
     judge_params = sharding.process_local(setup.judge_params)
     num = len(prompt_source)
@@ -237,6 +239,9 @@ def build_reference_cache(setup: Setup, ref_params, prompt_source, key: jax.Arra
             setup, ref_params, jnp.asarray(batch.tokens), jnp.asarray(batch.mask), jax.random.fold_in(key, start),
             setup.plan.reference, judge_params, "reference", {"reference": ref_params}, reads,
         ))
+    padding = -num % pad_to
+    if padding:
+        parts.append(jax.tree.map(lambda x: jnp.zeros((padding,) + x.shape[1:], x.dtype), parts[0]))
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
 
 
@@ -324,7 +329,8 @@ class RunContext:
         if seed not in self._reference_samples:
             build = functools.partial(build_reference_cache, self.setup, prompt_source=self.prompt_source,
                                       key=reference_cache_key(seed),
-                                      rows_used=self.config.steps * self.config.batch_size)
+                                      rows_used=self.config.steps * self.config.batch_size,
+                                      pad_to=sharding.num_batch_shards(self.setup.mesh))
             self._reference_samples[seed] = (
                 self._abstract_reference_samples() if self.abstract else build(self.local_reference))
         return self._reference_samples[seed]
@@ -371,9 +377,12 @@ def assemble(setup: Setup, ref_params, *, split_batch: bool = True) -> RunContex
         state=state_sh,
         batch=Batch.shardings(setup.mesh, split=split_batch),
         fixed=Fixed(state_sh.params, judge_shardings(setup)),
-        traced=Traced(rep, rep, rep),
+        # The reference samples [N (padded), k, ...] split over the batch axes like the prompts (a
+        # population splits their prompt axis itself, `bond.population.population_shardings`).
+        traced=Traced(rep, rep, sharding.batch_sharding(setup.mesh) if split_batch else rep),
     )
-    place = (lambda tree, where: abstract_like(tree, where)) if abstract else sharding.place
+    place = (lambda tree, where: abstract_like(tree, sharding.broadcast_shardings(where, tree))) if abstract \
+        else sharding.place
     state = place(state, state_sh)
     ref_params = place(ref_params, state_sh.params)
     prompt_source = _first_on_process_zero(lambda: train_prompt_source(setup), "bond.context:prompts")
@@ -384,5 +393,5 @@ def assemble(setup: Setup, ref_params, *, split_batch: bool = True) -> RunContex
         traced=Traced({}, None), prompt_source=prompt_source,
         local_reference=ref_params if abstract else sharding.process_local(ref_params), abstract=abstract,
     )
-    context.traced = place(context.traced_for(setup.config), rep)
+    context.traced = place(context.traced_for(setup.config), shardings.traced)
     return context

@@ -189,9 +189,14 @@ def population_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 def population_shardings(context: RunContext) -> StepShardings:
     """Where a population's step inputs live: members (state, Traced) split over the mesh's 'data'
-    axis, the prompts whole on every device, the reference and judges as in a single run."""
-    members = population_sharding(context.setup.mesh)
-    return dataclasses.replace(context.shardings, state=members, traced=members)
+    axis, the prompts whole on every device, the reference and judges as in a single run; the
+    reference samples' prompt axis (axis 1, padded to the batch shards) split over the batch axes
+    other than 'data'."""
+    mesh = context.setup.mesh
+    members = population_sharding(mesh)
+    prompt_axes = tuple(a for a in sharding.batch_axes() if a != "data" and mesh.shape[a] > 1)
+    reference_samples = NamedSharding(mesh, PartitionSpec("data", prompt_axes or None))
+    return dataclasses.replace(context.shardings, state=members, traced=Traced(members, members, reference_samples))
 
 
 def compile_population_step(context: RunContext) -> Callable:

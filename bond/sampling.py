@@ -28,11 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from bond import sharding
 from bond.models.transformer import (
     Transformer,
     TransformerConfig,
     as_transformer,
     init_cache,
+    param_logical_axes,
     positions_from_mask,
 )
 
@@ -182,6 +184,7 @@ def sample(
     top_p: ArrayLike = 1.0,
     eos_id: int = 0,
     min_new_tokens: int = 0,
+    decode_weights: str = "auto",
 ) -> SampleOutput:
     """Draw `num_samples` completions of up to `max_new_tokens` tokens for each prompt.
 
@@ -199,6 +202,8 @@ def sample(
       top_p: nucleus mass in (0, 1], 1 = off (traced).
       eos_id: token that ends a response (static).
       min_new_tokens: EOS is masked for the first min_new_tokens tokens (static).
+      decode_weights: where the weights live while decoding under a mesh set in context
+        (`sharding.gather_for_decoding`: 'auto', 'fsdp' or 'gathered'; static).
 
     Returns:
       SampleOutput with [B, N, ...] arrays (see its docstring).
@@ -211,20 +216,22 @@ def sample(
         config, params, prompts.astype(jnp.int32), prompt_mask.astype(jnp.int32), key,
         jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
         num_samples=num_samples, max_new_tokens=max_new_tokens, top_k=top_k, eos_id=eos_id,
-        min_new_tokens=min_new_tokens,
+        min_new_tokens=min_new_tokens, decode_weights=decode_weights,
     )
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "num_samples", "max_new_tokens", "top_k", "eos_id", "min_new_tokens")
+    jax.jit,
+    static_argnames=("config", "num_samples", "max_new_tokens", "top_k", "eos_id", "min_new_tokens", "decode_weights"),
 )
 def _sample_jit(config, params, prompts, prompt_mask, key, temperature, top_p, *, num_samples, max_new_tokens,
-                top_k, eos_id, min_new_tokens) -> SampleOutput:
+                top_k, eos_id, min_new_tokens, decode_weights="auto") -> SampleOutput:
     module = Transformer(config)
+    params = sharding.gather_for_decoding(params, param_logical_axes(config), decode_weights)
     batch, prompt_len = prompts.shape
     num_rows = batch * num_samples
     vocab_ids = jnp.arange(config.vocab_size)
-    repeat = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
+    repeat = lambda x: sharding.constrain_batch(jnp.repeat(x, num_samples, axis=0))  # [B·N, ...] rows
 
     prompt_hidden, prompt_cache = module.apply(
         {"params": params}, prompts, positions_from_mask(prompt_mask), prompt_mask,
@@ -269,9 +276,9 @@ def _sample_jit(config, params, prompts, prompt_mask, key, temperature, top_p, *
         token, token_logp = draw(step, step_logits[:, 0], done)
         responses = jax.lax.dynamic_update_slice(responses, token[:, None], (0, step))
         logprobs = jax.lax.dynamic_update_slice(logprobs, token_logp[:, None], (0, step))
-        return step + 1, token, done | (token == eos_id), responses, logprobs, cache
+        return (step + 1, *sharding.constrain_batch((token, done | (token == eos_id), responses, logprobs, cache)))
 
-    state = (jnp.int32(1), token, token == eos_id, responses, logprobs, cache)
+    state = (jnp.int32(1), *sharding.constrain_batch((token, token == eos_id, responses, logprobs, cache)))
     _, _, _, responses, logprobs, _ = jax.lax.while_loop(keep_going, decode_step, state)
 
     # Counted tokens: everything up to and including the first EOS.

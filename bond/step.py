@@ -186,7 +186,7 @@ def sample_responses(setup: Setup, params, prompts, prompt_mask, key, count: int
     return sample(
         setup.model, params, prompts, prompt_mask, key, num_samples=count,
         max_new_tokens=setup.task.max_response_length, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
-        eos_id=setup.task.eos_id, min_new_tokens=c.min_new_tokens,
+        eos_id=setup.task.eos_id, min_new_tokens=c.min_new_tokens, decode_weights=c.memory.decode_weights,
     )
 
 
@@ -373,10 +373,15 @@ class StepShardings:
 
 
 def compile_train_step(setup: Setup, shardings: StepShardings) -> Callable:
-    """jax.jit of the step with its shardings (the successor of pjit); the state is donated."""
+    """jax.jit of the step with its shardings (the successor of pjit); the state is donated.
+
+    With the prompts split over the batch axes (a single run), it is traced under the mesh so that
+    every activation is split like them (`sharding.constrain_batch`)."""
+    split = shardings.batch.prompts == sharding.batch_sharding(setup.mesh)
     return sharding.jit_sharded(
         make_train_step(setup),
         in_shardings=shardings.inputs(),
         out_shardings=(shardings.state, sharding.replicated(setup.mesh)),
         donate_argnums=(0,),
+        activation_mesh=setup.mesh if split else None,
     )

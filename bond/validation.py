@@ -132,6 +132,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
         shape = sharding.resolve_mesh_shape(tuple(config.mesh_shape), devices)
     except ValueError as e:
         raise ConfigError(f"config.mesh_shape: {e}") from None
+    _require(
+        config.memory.decode_weights in sharding.DECODE_WEIGHTS,
+        f"config.memory.decode_weights={config.memory.decode_weights!r} must be one of {sharding.DECODE_WEIGHTS}.",
+    )
     data_shards = shape[0] * shape[1]
     _require(
         config.batch_size % data_shards == 0,

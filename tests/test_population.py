@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 QUIET = lambda _: None
 
 
-def tiny(cache_dir: str, **fields) -> "ml_collections.ConfigDict":  # noqa: F821
-    """configs/j_bond.py:quick shrunk to seconds; `fields` are dotted paths → values."""
-    c = load_config(f"{ROOT / 'configs' / 'j_bond.py'}:quick")
+def tiny(cache_dir: str, config: str = "j_bond", **fields) -> "ml_collections.ConfigDict":  # noqa: F821
+    """configs/<config>.py:quick shrunk to seconds; `fields` are dotted paths → values."""
+    c = load_config(f"{ROOT / 'configs' / config}.py:quick")
     c.cache_dir = cache_dir
     c.model.update(num_layers=1, d_model=32, num_heads=2, d_ff=64)
     c.reference.update(steps=30, corpus_size=2000, batch_size=64)

@@ -1,8 +1,11 @@
 """Tests for bond/sharding.py on 8 fake CPU devices (tests/conftest.py sets them up).
 
 Sharding must not change results: a forward pass, a sampler call and an Adam step on meshes
-(8,1,1), (2,2,2) and (1,4,2) equal the one-device results within 1e-5 (float summation order
-is all that differs), and the sampler draws the very same tokens from the same key.
+(8,1,1), (2,2,2) and (1,4,2), traced under the mesh (activations split over the batch axes), equal
+the one-device results within 1e-5 (float summation order is all that differs), and the sampler
+draws the very same tokens from the same key. On an FSDP mesh (1,8,1) the real train step keeps
+1/8 of the batch's activations per device and equals the one-device step, and the sampler's
+decode loop gathers no weights when they are gathered before it.
 """
 
 import jax
@@ -12,8 +15,10 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bond import models, sharding
+from bond import compile_report, models, sharding
+from bond.context import build_context
 from bond.sampling import sample
+from test_population import tiny
 
 # Every sharded dimension divides 2 and 4: vocab 16, embed 16, mlp 32, heads 4.
 CONFIG = models.TransformerConfig(vocab_size=16, num_layers=1, d_model=16, num_heads=4, d_ff=32, max_len=12)
@@ -106,6 +111,7 @@ def test_sharded_forward_sampler_and_step_equal_one_device(mesh_shape, host_para
         out_shardings=(batch_sh, batch_sh, param_sh, opt_sh, sharding.replicated(mesh)),
         donate_argnums=(0, 1),
         compiler_options=FAST_COMPILE,
+        activation_mesh=mesh,  # activations split over the batch axes, the sampler's weights gathered
     )
     logits, samples, new_params, new_opt_state, loss = step(params, opt_state, batch)
     ref_logits, ref_samples, ref_params, ref_opt_state, ref_loss = reference
@@ -200,3 +206,63 @@ def test_optimizer_state_mirrors_param_shardings(host_params):
     assert adam.mu == param_sh and adam.nu == param_sh
     assert adam.count == NamedSharding(mesh, PartitionSpec())
     assert param_sh["wte"]["embedding"].spec == PartitionSpec("tensor", "fsdp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch-parallel FSDP: activations split over the batch, weights gathered for compute
+
+
+def _leading_dims(hlo_text: str, last_dim: int) -> set[int]:
+    """Leading dimensions of the rank-3 arrays of a per-device HLO program whose last dimension is
+    `last_dim`: with last_dim = d_ff (no weight has rank 3 and last dimension d_ff), the rows of the
+    MLP activations [rows, length, d_ff] each device holds."""
+    import re
+
+    return {int(m) for m in re.findall(rf"\[(\d+),\d+,{last_dim}\]", hlo_text)}
+
+
+def test_fsdp_step_splits_activations_over_the_batch_and_equals_one_device(cache_dir):
+    """BOND's real step on mesh (1, 8, 1): every device holds 1/8 of the rows of each MLP activation
+    (without the constraints XLA keeps all of them on every device), the per-prompt reference
+    samples are split over the devices too, and one step gives the one-device step's parameters and
+    metrics."""
+    runs = {n: build_context(tiny(cache_dir, "bond", num_devices=n, mesh_shape=(1, n, 1)), log=lambda _: None)
+            for n in (1, 8)}
+    fsdp = runs[8]
+    inputs = {n: (run.state, run.batch(0), run.fixed, run.traced) for n, run in runs.items()}
+    hlo = fsdp.step.lower(*inputs[8]).compile().as_text()
+    rows = fsdp.config.batch_size * fsdp.setup.plan.policy  # the loss's log-prob pass over the policy's samples
+    per_device = _leading_dims(hlo, fsdp.config.model.d_ff)
+    assert per_device and max(per_device) == rows // 8, per_device
+    cache = fsdp.traced.reference_samples.tokens
+    assert cache.addressable_shards[0].data.shape[0] == cache.shape[0] // 8
+
+    (state, metrics), (state1, metrics1) = (runs[n].step(*inputs[n]) for n in (8, 1))
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(state1.params)):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert sorted(metrics) == sorted(metrics1)
+    for key in metrics1:
+        np.testing.assert_allclose(metrics[key], metrics1[key], atol=1e-5, rtol=0, err_msg=key)
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "gathered"])
+def test_fsdp_decode_loop_gathers_weights_only_in_the_fsdp_layout(layout, host_params):
+    """The sampler on mesh (1, 8, 1), rows split over the batch: with its weights as trained ('fsdp',
+    split on their contracting dimension) every token's matmuls must move weights or activations
+    between devices inside the decode loop (at scale XLA gathers the weights: 4.78 GB per token for
+    Gemma-2B on 8 chips; at this size it moves the activations, 385 bytes per token); gathered once
+    before the loop ('gathered'), the loop collects only whether every row has ended (< 16 bytes)."""
+    mesh = sharding.make_mesh((1, 8, 1))
+    (params, _, batch), (param_sh, _, batch_sh) = _shard(mesh, host_params)
+
+    def draw(params, batch):
+        return sample(CONFIG, params, batch["tokens"][:, :PROMPT_LEN], batch["attention_mask"][:, :PROMPT_LEN],
+                      jax.random.key(7), num_samples=2, max_new_tokens=NEW_TOKENS, decode_weights=layout)
+
+    program = sharding.jit_sharded(draw, in_shardings=(param_sh, batch_sh), out_shardings=batch_sh,
+                                   compiler_options=FAST_COMPILE, activation_mesh=mesh)
+    per_token = compile_report.collective_bytes(program.lower(params, batch).compile().as_text())
+    if layout == "fsdp":
+        assert per_token > 16, per_token
+    else:
+        assert per_token < 16, per_token

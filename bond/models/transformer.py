@@ -53,6 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
+from bond.sharding import constrain_batch
+
 ACTIVATIONS = {
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -582,6 +584,7 @@ class Transformer(nn.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states [B, T, D] and the updated cache."""
         c = self.config
+        tokens, positions, key_mask = constrain_batch((tokens, positions, key_mask))
         num_queries, num_keys = tokens.shape[1], key_mask.shape[1]
         query_slots = cache_index + jnp.arange(num_queries)
         causal = jnp.arange(num_keys)[None, :] <= query_slots[:, None]
@@ -594,9 +597,10 @@ class Transformer(nn.Module):
             x = x + self.wpe(positions)
         else:
             rope = rope_tables(c, positions)
+        x = constrain_batch(x)  # the residual stream split over the batch axes (under a mesh in context)
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(x, allowed, None if cache is None else cache[i], cache_index, rope)
+            x, layer_cache = constrain_batch(block(x, allowed, None if cache is None else cache[i], cache_index, rope))
             new_cache.append(layer_cache)
         return self.ln_f(x), (None if cache is None else tuple(new_cache))
 
