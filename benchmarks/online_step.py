@@ -40,7 +40,7 @@ from bond.config_base import base_config
 from bond.context import Setup, anchor_kind, assemble
 from bond.models import TransformerConfig, config_from_gpt2, init_params
 from bond.step import (
-    TrainState, anchor_update, fixed_logprobs, loss_and_grad, make_optimizer, optimizer_update, pair_judge_of,
+    TrainState, anchor_update, compute_params, fixed_logprobs, loss_and_grad, make_optimizer, optimizer_update, pair_judge_of,
     sample_responses, score,
 )
 from bond.tasks import Prompts, Task, programmatic_reward
@@ -172,13 +172,15 @@ def train_flops(model: TransformerConfig, shape: tuple[int, int, int], prompt_le
 
 def phase_functions(setup: Setup):
     """(sample, score, logprobs, update): the train step's own phases (bond/step.py), each jitted
-    on its own so that it can be timed; composed they compute what the fused step computes."""
+    on its own so that it can be timed; composed they compute what the fused step computes (each
+    takes the state's master weights and computes with their `compute_params` copy, as the step does)."""
     plan, period = setup.plan, int(setup.config.anchor.period)
     optimizer = make_optimizer(setup.config)
     prompt_length = setup.task.prompt_length
 
     @jax.jit
     def sample_phase(params, anchor_params, prompts, prompt_mask, key):
+        params, anchor_params = compute_params(setup, params), compute_params(setup, anchor_params)
         k_policy, k_anchor = jax.random.split(key)
         policy = sample_responses(setup, params, prompts, prompt_mask, k_policy, plan.policy) if plan.policy else None
         anchor = sample_responses(setup, anchor_params, prompts, prompt_mask, k_anchor, plan.anchor) if plan.anchor else None
@@ -190,7 +192,7 @@ def phase_functions(setup: Setup):
 
     @jax.jit
     def logprobs_phase(ref_params, anchor_params, drawn, rewards) -> Drawn:
-        logp_params = {"reference": ref_params, "anchor": anchor_params}
+        logp_params = {"reference": ref_params, "anchor": compute_params(setup, anchor_params)}
 
         def fixed(out, r, source):
             if out is None:
@@ -202,7 +204,7 @@ def phase_functions(setup: Setup):
 
     @jax.jit
     def update_phase(state: TrainState, drawn: Drawn, hp, key, judges):
-        (loss, _), grads = loss_and_grad(setup, state.params, drawn, hp, key, pair_judge_of(setup, judges),
+        (loss, _), grads = loss_and_grad(setup, compute_params(setup, state.params), drawn, hp, key, pair_judge_of(setup, judges),
                                          prompt_length, state.algo_state)
         params, opt_state = optimizer_update(optimizer, state.params, state.opt_state, grads, hp)
         anchor = anchor_update(setup.anchor_kind, state.anchor_params, params, state.step, hp, period)

@@ -8,8 +8,8 @@ benchmark jits and times these same functions):
     fixed_logprobs    responses → log π_ref(y), log π_anchor(y) without gradient (only the passes
                       the algorithm's loss reads; the sampler's own log-probs where they are exact)
     loss_and_grad     samples → (loss, metrics), ∇θ loss (the registered algorithm's loss)
-    optimizer_update  ∇θ → θ' (Adam with clipping, float32 state and math, learning rate traced)
-    anchor_update     θ_anchor → (1−η)θ_anchor + ηθ' (EMA) or a periodic hard copy
+    optimizer_update  ∇θ → θ' (Adam with clipping on float32 master weights, learning rate traced)
+    anchor_update     θ_anchor → (1−η)θ_anchor + ηθ' (EMA, float32) or a periodic hard copy
     step_metrics      the loss's metrics, gradient norm, per-sample-set reward / length / KL
 
 The step's inputs are named structures, each declaring its shardings and its population axis
@@ -21,6 +21,11 @@ next to its fields:
 policy, judges), `Traced` the run's values that no compiled shape depends on (the hyperparameters
 sweeps vary, the seed key, the reference samples drawn from that seed). A population of runs
 (bond/population.py) vmaps the step over the state and `Traced` and shares `Batch` and `Fixed`.
+
+Master weights: the state holds the policy and the anchor in float32; `compute_params` casts them
+to the model's parameter dtype for sampling, the log-prob passes and the loss gradient (taken with
+respect to that low-precision copy: one copy serves all three, and the gradient tree is the copy's
+size, not float32's), and the Adam and EMA updates are float32. A float32 model runs unchanged.
 
 Determinism: step t's randomness is fold_in(seed_key, t), split into the policy's, the anchor's,
 the reference's and the loss's keys.
@@ -48,11 +53,16 @@ if TYPE_CHECKING:
 
 
 class TrainState(NamedTuple):
-    """Everything a step changes; checkpointed whole."""
+    """Everything a step changes; checkpointed whole.
+
+    params and anchor_params are the float32 master copies: the step computes with
+    `compute_params` of them (the model's parameter dtype, bfloat16 for the pretrained Gemma
+    configs) and updates them in float32, so that small updates (lr 3e-6, EMA η 0.02) are kept.
+    """
 
     step: jax.Array  # int32 scalar: steps completed
-    params: Any
-    anchor_params: Any  # None when the run has no anchor
+    params: Any  # float32 master weights of the policy
+    anchor_params: Any  # float32 master weights of the anchor; None when the run has no anchor
     opt_state: Any
     nonfinite_step: jax.Array  # int32: first step whose loss was NaN/inf, −1 while none was
     algo_state: Any = None  # the algorithm's own state (`Algorithm.init_state`, e.g. GDC++'s running Ẑ), or None
@@ -142,13 +152,29 @@ def as_float32(tree):
     return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
+def compute_params(setup: Setup, master):
+    """The copy of float32 master weights the model computes with: each floating leaf in the
+    model's parameter dtype (`setup.model.param_dtype`); the master itself when that is float32.
+
+    The step samples, runs its log-prob passes and takes the loss gradient with this copy, and
+    evaluation reads it too: it is the policy the run trains. None stays None (no anchor)."""
+    dtype = jnp.dtype(setup.model.param_dtype)
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
+    return jax.tree.map(cast, master)
+
+
+def master_copy(tree):
+    """A new float32 copy of `tree` (always a copy: the step donates the state, never the reference)."""
+    return jax.tree.map(lambda x: jnp.array(x, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.array(x),
+                        tree)
+
+
 def init_state(setup: Setup, ref_params) -> TrainState:
-    """The policy (and anchor) start at the reference."""
-    copy = lambda tree: jax.tree.map(jnp.array, tree)
+    """The policy (and anchor) start at the reference, as float32 master weights (`master_copy`)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        params=copy(ref_params),
-        anchor_params=copy(ref_params) if setup.anchor_kind != "none" else None,
+        params=master_copy(ref_params),
+        anchor_params=master_copy(ref_params) if setup.anchor_kind != "none" else None,
         opt_state=make_optimizer(setup.config).init(as_float32(ref_params)),
         nonfinite_step=jnp.full((), -1, jnp.int32),
         algo_state=setup.algorithm.initial_state(),
@@ -270,20 +296,22 @@ def loss_and_grad(setup: Setup, params, drawn: Drawn, hp, key, pair_judge, promp
 
 
 def optimizer_update(optimizer: optax.GradientTransformation, params, opt_state, grads, hp):
-    """Phase 5: θ ← θ − lr·Adam(∇θ), with float32 optimizer state and update math; parameters
-    are stored back in their own dtype (bfloat16 allowed)."""
-    updates, opt_state = optimizer.update(as_float32(grads), opt_state, as_float32(params))
+    """Phase 5: θ ← θ − lr·Adam(∇θ) on the float32 master weights `params`, with float32 optimizer
+    state and update math (gradients of any dtype are read in float32). Nothing is rounded to a
+    low-precision dtype here: an update far below a bfloat16 step (lr 3e-6) still moves θ."""
+    params, grads = as_float32(params), as_float32(grads)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
     lr = hp["learning_rate"] * hp["lr_scale"]
-    params = jax.tree.map(lambda p, u: (p.astype(jnp.float32) - lr * u).astype(p.dtype), params, updates)
+    params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
     return params, opt_state
 
 
 def anchor_update(kind: str, anchor, params, step, hp, period: int):
-    """Phase 6: the anchor rule. 'ema': θ_anchor ← (1 − η)·θ_anchor + η·θ (BOND §6), in float32,
-    stored in the anchor's dtype; 'hard': copy θ every `period` steps (iterative BOND, §5)."""
+    """Phase 6: the anchor rule on float32 master weights. 'ema': θ_anchor ← (1 − η)·θ_anchor + η·θ
+    (BOND §6), in float32; 'hard': copy θ every `period` steps (iterative BOND, §5)."""
     if kind == "ema":
         eta = hp["anchor_eta"]
-        return jax.tree.map(lambda a, p: ((1.0 - eta) * a.astype(jnp.float32) + eta * p).astype(a.dtype), anchor, params)
+        return jax.tree.map(lambda a, p: (1.0 - eta) * a.astype(jnp.float32) + eta * p.astype(jnp.float32), anchor, params)
     if kind == "hard":
         move = (step + 1) % period == 0
         return jax.tree.map(lambda a, p: jnp.where(move, p, a), anchor, params)
@@ -294,7 +322,7 @@ def step_metrics(loss, loss_metrics, grads, drawn: Drawn,
                  kl_ref_estimate: Callable[[str, Samples], jax.Array]) -> dict[str, jax.Array]:
     """Phase 7: the loss's metrics, the gradient norm, and per sample set (policy, anchor) its mean
     reward, mean length and the Monte-Carlo KL(·‖π_ref) estimate mean(log q − log π_ref)."""
-    metrics = {**loss_metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    metrics = {**loss_metrics, "loss": loss, "grad_norm": optax.tree.norm(as_float32(grads))}
     for name in ("policy", "anchor"):
         samples = getattr(drawn, name)
         if samples is not None:
@@ -324,21 +352,23 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, Batch, Fixed, Traced]
         hp, prompt_length = traced.hparams, batch.prompts.shape[1]
         key = jax.random.fold_in(traced.seed_key, state.step)
         k_policy, k_anchor, k_ref, k_loss = jax.random.split(key, 4)
-        logp_params = {"reference": fixed.reference, "anchor": state.anchor_params}
+        # The policy and anchor as the model computes with them; the master weights stay float32.
+        params_c, anchor_c = compute_params(setup, state.params), compute_params(setup, state.anchor_params)
+        logp_params = {"reference": fixed.reference, "anchor": anchor_c}
 
         def draw(params, k, count, source):
             return draw_samples(setup, params, batch.prompts, batch.prompt_mask, k, count, fixed.judges, source,
                                 logp_params, algorithm.reads_of(source))
 
-        policy = draw(state.params, k_policy, plan.policy, "policy")
-        anchor = draw(state.anchor_params, k_anchor, plan.anchor, "anchor")
+        policy = draw(params_c, k_policy, plan.policy, "policy")
+        anchor = draw(anchor_c, k_anchor, plan.anchor, "anchor")
         if traced.reference_samples is not None:  # this batch's rows of the per-prompt reference samples
             reference = jax.tree.map(lambda x: x[batch.prompt_rows], traced.reference_samples)
         else:
             reference = draw(fixed.reference, k_ref, plan.reference, "reference")
         drawn = Drawn(policy, anchor, reference)
 
-        (loss, loss_metrics), grads = loss_and_grad(setup, state.params, drawn, hp, k_loss,
+        (loss, loss_metrics), grads = loss_and_grad(setup, params_c, drawn, hp, k_loss,
                                                     pair_judge_of(setup, fixed.judges), prompt_length, state.algo_state)
         loss_metrics, algo_state = split_algo_state(loss_metrics, state.algo_state)
         params, opt_state = optimizer_update(optimizer, state.params, state.opt_state, grads, hp)
