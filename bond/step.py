@@ -27,6 +27,14 @@ to the model's parameter dtype for sampling, the log-prob passes and the loss gr
 respect to that low-precision copy: one copy serves all three, and the gradient tree is the copy's
 size, not float32's), and the Adam and EMA updates are float32. A float32 model runs unchanged.
 
+Micro-batches (config.memory.micro_batches = M): the fixed log-prob passes run over M strided
+micro-batches of the prompts in turn, and so does the gradient, without changing the loss: the
+loss is first evaluated on stop-gradient policy log-probs (computed micro-batched), its gradient
+with respect to those log-prob arrays is taken on the whole batch, so baselines, normalizers and
+batch means are the full batch's, and ∇θ is then the sum over micro-batches of the log-prob passes'
+vector-Jacobian products with those cotangents, accumulated in float32
+(`micro_batched_loss_and_grad`). M = 1 is the plain value_and_grad of the loss.
+
 Determinism: step t's randomness is fold_in(seed_key, t), split into the policy's, the anchor's,
 the reference's and the loss's keys.
 """
@@ -234,15 +242,56 @@ def policy_logprobs(setup: Setup, params, samples: Samples, prompt_length: int) 
     )[1]
 
 
+def micro_batch_count(setup: Setup) -> int:
+    """config.memory.micro_batches: the micro-batches the step splits its prompts into for the
+    log-prob passes and the gradient (1: the whole batch at once)."""
+    return int(setup.config.memory.micro_batches)
+
+
+def split_micro_batches(tree, count: int):
+    """Leaves [B, ...] → [count, B/count, ...], micro-batch m holding rows m, m + count, m + 2·count, ...
+
+    Strided rather than contiguous: the batch axis is split over devices in contiguous blocks, so
+    every micro-batch keeps B/(count·D) rows on each of the D devices instead of living on a few."""
+    def split(x):
+        rows = x.shape[0]
+        if rows % count:
+            raise ValueError(f"config.memory.micro_batches={count} does not divide the step's {rows} prompts; "
+                             f"set it to a divisor of {rows}.")
+        return jnp.swapaxes(x.reshape((rows // count, count) + x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, tree)
+
+
+def join_micro_batches(tree):
+    """The inverse of `split_micro_batches`: leaves [count, B/count, ...] → [B, ...] in the original row order."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), tree)
+
+
+def sequences(samples: Samples) -> Samples:
+    """`samples` with only what a log-prob pass reads (tokens and masks); the other fields None."""
+    return Samples(samples.tokens, samples.attention_mask, samples.response_mask, None, None, None, None)
+
+
+def micro_batched_logprobs(setup: Setup, params, samples: Samples, prompt_length: int, micro_batches: int = 1):
+    """`policy_logprobs` [B, S] computed over `micro_batches` strided micro-batches of the prompts
+    in turn (lax.map), so that one pass holds the activations of B/micro_batches prompts only."""
+    if micro_batches == 1:
+        return policy_logprobs(setup, params, samples, prompt_length)
+    parts = split_micro_batches(sequences(samples), micro_batches)
+    return join_micro_batches(jax.lax.map(lambda part: policy_logprobs(setup, params, part, prompt_length), parts))
+
+
 def fixed_logprobs(setup: Setup, samples: Samples, source: str, logp_params: dict[str, Any],
-                   reads: frozenset[str] | set[str], prompt_length: int) -> Samples:
+                   reads: frozenset[str] | set[str], prompt_length: int, micro_batches: int = 1) -> Samples:
     """Phase 3: `samples` (drawn from `source`) with ref_logp and anchor_logp filled, without gradient.
 
     A field is computed when it is free — the sampler's own log-probs, when `source` drew the
     samples from the model itself (`is_plain_sampling`) — or when `reads` names it ('ref_logp',
     'anchor_logp'). A policy absent from `logp_params` (a run without an anchor) gives zeros.
     Fields neither free nor read stay None, so a loss that reads one it did not declare fails
-    instead of silently reading zeros.
+    instead of silently reading zeros. The passes run over `micro_batches` micro-batches of the
+    prompts (`micro_batched_logprobs`).
     """
     plain = is_plain_sampling(setup.config)
 
@@ -253,21 +302,23 @@ def fixed_logprobs(setup: Setup, samples: Samples, source: str, logp_params: dic
             return None
         if logp_params.get(name) is None:
             return jnp.zeros_like(samples.sampler_logp)
-        return policy_logprobs(setup, logp_params[name], samples, prompt_length)
+        return micro_batched_logprobs(setup, logp_params[name], samples, prompt_length, micro_batches)
 
     return samples._replace(ref_logp=under("reference", "ref_logp"), anchor_logp=under("anchor", "anchor_logp"))
 
 
 def draw_samples(setup: Setup, params, prompts, prompt_mask, key, count: int, judges, source: str,
-                 logp_params: dict[str, Any], reads: frozenset[str] | set[str]) -> Optional[Samples]:
+                 logp_params: dict[str, Any], reads: frozenset[str] | set[str],
+                 micro_batches: int = 1) -> Optional[Samples]:
     """Phases 1–3 for one sample set: `count` responses of `source`'s `params`, scored, with the
-    fixed log-probs `reads` names (see `fixed_logprobs`); None when count is 0."""
+    fixed log-probs `reads` names (see `fixed_logprobs`, over `micro_batches` micro-batches); None
+    when count is 0."""
     if not count:
         return None
     out = sample_responses(setup, params, prompts, prompt_mask, key, count)
     samples = Samples(out.tokens, out.attention_mask, out.response_mask, score(setup, judges, out),
                       out.logprobs.sum(-1), None, None)
-    return fixed_logprobs(setup, samples, source, logp_params, reads, prompts.shape[1])
+    return fixed_logprobs(setup, samples, source, logp_params, reads, prompts.shape[1], micro_batches)
 
 
 def pair_judge_of(setup: Setup, judges) -> Optional[Callable[[Samples], jax.Array]]:
@@ -277,22 +328,89 @@ def pair_judge_of(setup: Setup, judges) -> Optional[Callable[[Samples], jax.Arra
     return lambda s: preference_matrix(setup.preference_judge, judges["preference"], s)
 
 
-def loss_and_grad(setup: Setup, params, drawn: Drawn, hp, key, pair_judge, prompt_length: int, algo_state=None):
-    """Phase 4: the algorithm's (loss, metrics) on the drawn samples and its gradient in `params`.
+def loss_and_grad(setup: Setup, params, drawn: Drawn, hp, key, pair_judge, prompt_length: int, algo_state=None,
+                  micro_batches: int = 1):
+    """Phase 4: the algorithm's (loss, metrics) on the drawn samples and its gradient in `params`
+    (the compute copy, `compute_params`: the gradient has its dtype with one micro-batch, float32
+    when accumulated over several).
 
     The policy's log-probs are the only differentiable quantity (`LossInputs.policy_logp`). An
     algorithm with a state reads `algo_state` and returns the next one in the metrics
-    (`bond.algorithms.split_algo_state`)."""
+    (`bond.algorithms.split_algo_state`). With `micro_batches` > 1 the gradient is accumulated
+    over micro-batches of the prompts while the loss keeps the whole batch's statistics
+    (`micro_batched_loss_and_grad`)."""
 
-    def loss_fn(p):
+    def loss_of(policy_logp: Callable[[Samples], jax.Array]):
         inputs = LossInputs(
-            policy_logp=functools.partial(policy_logprobs, setup, p, prompt_length=prompt_length),
-            policy=drawn.policy, anchor=drawn.anchor, reference=drawn.reference, hp=hp, algo=setup.config.algo,
-            key=key, pair_judge=pair_judge, algo_state=algo_state,
+            policy_logp=policy_logp, policy=drawn.policy, anchor=drawn.anchor, reference=drawn.reference, hp=hp,
+            algo=setup.config.algo, key=key, pair_judge=pair_judge, algo_state=algo_state,
         )
         return setup.algorithm.loss(inputs)
 
-    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if micro_batches == 1:
+        loss_fn = lambda p: loss_of(functools.partial(policy_logprobs, setup, p, prompt_length=prompt_length))
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return micro_batched_loss_and_grad(setup, params, loss_of, prompt_length, micro_batches)
+
+
+def micro_batched_loss_and_grad(setup: Setup, params, loss_of: Callable, prompt_length: int, micro_batches: int):
+    """((loss, metrics), ∇θ loss) with the policy's differentiable log-prob passes over `micro_batches`
+    micro-batches of the prompts, exact for every loss.
+
+    `loss_of(policy_logp)` is the loss as a function of its policy log-prob function. A loss
+    depends on θ only through its calls policy_logp(samples_i) = ℓ_i(θ) ([B, S_i] each, on the
+    drawn sets or sets derived from them: best-of-2 picks, chosen / rejected), so with
+    L(θ) = f(ℓ_1(θ), …, ℓ_k(θ)):
+
+      1. record: run the loss once with a policy_logp that returns the stop-gradient ℓ_i,
+         computed micro-batched (`micro_batched_logprobs`), and remembers each call's samples in
+         call order;
+      2. replay: (loss, metrics), g_i = ∂f/∂ℓ_i by jax.value_and_grad of the loss as a function of
+         the recorded arrays (a replaying policy_logp returns them in the same order). Every batch
+         statistic (baselines, normalizers, quantiles, batch means) is inside f and sees the whole
+         batch: nothing is averaged per micro-batch;
+      3. accumulate: ∇θ L = Σ_m Σ_i vjp(ℓ_i restricted to micro-batch m)(g_i[m]), one backward pass
+         per micro-batch in a lax.scan, summed in float32.
+
+    The forward log-prob pass therefore runs twice (record, then inside each vjp). The loss must
+    call policy_logp at its top level (not inside a vmap, scan or cond of its own) and in an order
+    that does not depend on the log-probs' values, which holds for every registered loss.
+    """
+    calls: list[tuple[Samples, jax.Array]] = []
+
+    def record(samples: Samples) -> jax.Array:
+        logp = jax.lax.stop_gradient(micro_batched_logprobs(setup, params, samples, prompt_length, micro_batches))
+        calls.append((sequences(samples), logp))
+        return logp
+
+    loss_of(record)  # only its calls are kept; the loss itself is computed again in the replay
+    recorded_sets = [s for s, _ in calls]
+
+    def replay(values: list[jax.Array]):
+        queue = list(values)
+
+        def policy_logp(samples: Samples) -> jax.Array:
+            value = queue.pop(0)
+            if value.shape != samples.tokens.shape[:2]:
+                raise RuntimeError("the loss called policy_logp in another order when replayed; micro-batching "
+                                   "needs the same calls each time (set config.memory.micro_batches=1).")
+            return value
+
+        return loss_of(policy_logp)
+
+    (loss, metrics), cotangents = jax.value_and_grad(replay, has_aux=True)([v for _, v in calls])
+
+    def accumulate(total, part):
+        sets, cots = part
+        surrogate = lambda p: sum(jnp.sum(policy_logprobs(setup, p, s, prompt_length) * g) for s, g in zip(sets, cots))
+        grads = jax.grad(surrogate)(params)
+        return jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+    if not calls:  # a loss without policy log-probs has no gradient
+        return (loss, metrics), zeros
+    grads, _ = jax.lax.scan(accumulate, zeros, split_micro_batches((recorded_sets, cotangents), micro_batches))
+    return (loss, metrics), grads
 
 
 def optimizer_update(optimizer: optax.GradientTransformation, params, opt_state, grads, hp):
@@ -347,6 +465,7 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, Batch, Fixed, Traced]
     plan, algorithm = setup.plan, setup.algorithm
     optimizer = make_optimizer(setup.config)
     period = int(setup.config.anchor.period)
+    micro_batches = micro_batch_count(setup)
 
     def step(state: TrainState, batch: Batch, fixed: Fixed, traced: Traced) -> tuple[TrainState, dict]:
         hp, prompt_length = traced.hparams, batch.prompts.shape[1]
@@ -358,7 +477,7 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, Batch, Fixed, Traced]
 
         def draw(params, k, count, source):
             return draw_samples(setup, params, batch.prompts, batch.prompt_mask, k, count, fixed.judges, source,
-                                logp_params, algorithm.reads_of(source))
+                                logp_params, algorithm.reads_of(source), micro_batches)
 
         policy = draw(params_c, k_policy, plan.policy, "policy")
         anchor = draw(anchor_c, k_anchor, plan.anchor, "anchor")
@@ -368,8 +487,8 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, Batch, Fixed, Traced]
             reference = draw(fixed.reference, k_ref, plan.reference, "reference")
         drawn = Drawn(policy, anchor, reference)
 
-        (loss, loss_metrics), grads = loss_and_grad(setup, params_c, drawn, hp, k_loss,
-                                                    pair_judge_of(setup, fixed.judges), prompt_length, state.algo_state)
+        (loss, loss_metrics), grads = loss_and_grad(setup, params_c, drawn, hp, k_loss, pair_judge_of(setup, fixed.judges),
+                                                    prompt_length, state.algo_state, micro_batches)
         loss_metrics, algo_state = split_algo_state(loss_metrics, state.algo_state)
         params, opt_state = optimizer_update(optimizer, state.params, state.opt_state, grads, hp)
         anchor_params = anchor_update(setup.anchor_kind, state.anchor_params, params, state.step, hp, period)
@@ -379,8 +498,8 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, Batch, Fixed, Traced]
         def kl_ref_estimate(name: str, samples: Samples) -> jax.Array:
             if samples.ref_logp is not None:
                 return jnp.mean(samples.sampler_logp - samples.ref_logp)
-            estimate = lambda: jnp.mean(
-                samples.sampler_logp - policy_logprobs(setup, fixed.reference, samples, prompt_length))
+            estimate = lambda: jnp.mean(samples.sampler_logp - micro_batched_logprobs(
+                setup, fixed.reference, samples, prompt_length, micro_batches))
             return jax.lax.cond(batch.logging, estimate, lambda: jnp.float32(jnp.nan))
 
         metrics = step_metrics(loss, loss_metrics, grads, drawn, kl_ref_estimate)
