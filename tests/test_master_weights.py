@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from bond.checkpoint import Checkpointer, abstract_like
 from bond.models import TransformerConfig, init_params, sequence_logprobs
 from bond.step import anchor_update, as_float32, compute_params, make_optimizer, master_copy, optimizer_update
 
@@ -112,3 +113,16 @@ def test_master_weights_compute_copy_is_the_model_dtype_and_float32_models_are_u
     f32 = types.SimpleNamespace(model=dataclasses.replace(BF16, dtype=jnp.float32, param_dtype=jnp.float32))
     assert all(a is b for a, b in zip(jax.tree.leaves(compute_params(f32, master)), jax.tree.leaves(master)))
     assert compute_params(bf16, None) is None  # a run without an anchor
+
+
+def test_master_weights_restore_a_bfloat16_checkpoint_as_float32(tmp_path):
+    """A checkpoint saved when the state held bfloat16 parameters restores onto the float32 master
+    target: verified against its saved bytes, then cast (exactly: every bfloat16 is a float32)."""
+    old_params = init_params(BF16, jax.random.key(0))
+    with Checkpointer(tmp_path, keep=2) as checkpointer:
+        checkpointer.save(1, {"params": old_params})
+        target = abstract_like({"params": master_copy(old_params)})
+        restored, _ = checkpointer.restore(abstract_state=target)
+    assert {x.dtype for x in jax.tree.leaves(restored)} == {jnp.dtype(jnp.float32)}
+    for a, b in zip(jax.tree.leaves(restored["params"]), jax.tree.leaves(old_params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b, np.float32))
