@@ -40,7 +40,8 @@ from bond.config_base import base_config
 from bond.context import Setup, anchor_kind, assemble
 from bond.models import TransformerConfig, config_from_gpt2, init_params
 from bond.step import (
-    TrainState, anchor_update, fixed_logprobs, loss_and_grad, make_optimizer, optimizer_update, pair_judge_of,
+    TrainState, anchor_update, compute_params, fixed_logprobs, loss_and_grad, make_optimizer, micro_batch_count,
+    optimizer_update, pair_judge_of,
     sample_responses, score,
 )
 from bond.tasks import Prompts, Task, programmatic_reward
@@ -172,13 +173,15 @@ def train_flops(model: TransformerConfig, shape: tuple[int, int, int], prompt_le
 
 def phase_functions(setup: Setup):
     """(sample, score, logprobs, update): the train step's own phases (bond/step.py), each jitted
-    on its own so that it can be timed; composed they compute what the fused step computes."""
+    on its own so that it can be timed; composed they compute what the fused step computes (each
+    takes the state's master weights and computes with their `compute_params` copy, as the step does)."""
     plan, period = setup.plan, int(setup.config.anchor.period)
     optimizer = make_optimizer(setup.config)
-    prompt_length = setup.task.prompt_length
+    prompt_length, micro_batches = setup.task.prompt_length, micro_batch_count(setup)
 
     @jax.jit
     def sample_phase(params, anchor_params, prompts, prompt_mask, key):
+        params, anchor_params = compute_params(setup, params), compute_params(setup, anchor_params)
         k_policy, k_anchor = jax.random.split(key)
         policy = sample_responses(setup, params, prompts, prompt_mask, k_policy, plan.policy) if plan.policy else None
         anchor = sample_responses(setup, anchor_params, prompts, prompt_mask, k_anchor, plan.anchor) if plan.anchor else None
@@ -190,20 +193,21 @@ def phase_functions(setup: Setup):
 
     @jax.jit
     def logprobs_phase(ref_params, anchor_params, drawn, rewards) -> Drawn:
-        logp_params = {"reference": ref_params, "anchor": anchor_params}
+        logp_params = {"reference": ref_params, "anchor": compute_params(setup, anchor_params)}
 
         def fixed(out, r, source):
             if out is None:
                 return None
             samples = Samples(out.tokens, out.attention_mask, out.response_mask, r, out.logprobs.sum(-1), None, None)
-            return fixed_logprobs(setup, samples, source, logp_params, setup.algorithm.reads_of(source), prompt_length)
+            return fixed_logprobs(setup, samples, source, logp_params, setup.algorithm.reads_of(source), prompt_length,
+                                  micro_batches)
 
         return Drawn(fixed(drawn[0], rewards[0], "policy"), fixed(drawn[1], rewards[1], "anchor"), None)
 
     @jax.jit
     def update_phase(state: TrainState, drawn: Drawn, hp, key, judges):
-        (loss, _), grads = loss_and_grad(setup, state.params, drawn, hp, key, pair_judge_of(setup, judges),
-                                         prompt_length, state.algo_state)
+        (loss, _), grads = loss_and_grad(setup, compute_params(setup, state.params), drawn, hp, key,
+                                         pair_judge_of(setup, judges), prompt_length, state.algo_state, micro_batches)
         params, opt_state = optimizer_update(optimizer, state.params, state.opt_state, grads, hp)
         anchor = anchor_update(setup.anchor_kind, state.anchor_params, params, state.step, hp, period)
         return params, opt_state, anchor, loss

@@ -50,7 +50,7 @@ from bond.context import RunContext, Setup, build_context, eval_key
 from bond.evaluation import Evaluator
 from bond.metrics import MetricWriter, NonFiniteLossError, Progress
 from bond.plots import write_reference_front
-from bond.step import Batch, Fixed, StepShardings, Traced, make_train_step
+from bond.step import Batch, Fixed, StepShardings, Traced, compute_params, make_train_step
 from bond.train import finish_run, is_checkpoint_step, is_eval_step, is_logging_step
 from bond.validation import validate
 
@@ -328,7 +328,8 @@ def run_population(
                     at_reference[m.config.seed] = evaluator(m.config)(ref_params)
                 metrics = at_reference[m.config.seed]
             else:
-                params = sharding.process_local(jax.device_put(member(state.params, i), params_sharding))
+                master = sharding.process_local(jax.device_put(member(state.params, i), params_sharding))
+                params = compute_params(setup, master)  # the policy as the step samples it
                 metrics = evaluator(m.config)(params)
             m.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
 

@@ -8,8 +8,8 @@ benchmark jits and times these same functions):
     fixed_logprobs    responses → log π_ref(y), log π_anchor(y) without gradient (only the passes
                       the algorithm's loss reads; the sampler's own log-probs where they are exact)
     loss_and_grad     samples → (loss, metrics), ∇θ loss (the registered algorithm's loss)
-    optimizer_update  ∇θ → θ' (Adam with clipping, float32 state and math, learning rate traced)
-    anchor_update     θ_anchor → (1−η)θ_anchor + ηθ' (EMA) or a periodic hard copy
+    optimizer_update  ∇θ → θ' (Adam with clipping on float32 master weights, learning rate traced)
+    anchor_update     θ_anchor → (1−η)θ_anchor + ηθ' (EMA, float32) or a periodic hard copy
     step_metrics      the loss's metrics, gradient norm, per-sample-set reward / length / KL
 
 The step's inputs are named structures, each declaring its shardings and its population axis
@@ -21,6 +21,19 @@ next to its fields:
 policy, judges), `Traced` the run's values that no compiled shape depends on (the hyperparameters
 sweeps vary, the seed key, the reference samples drawn from that seed). A population of runs
 (bond/population.py) vmaps the step over the state and `Traced` and shares `Batch` and `Fixed`.
+
+Master weights: the state holds the policy and the anchor in float32; `compute_params` casts them
+to the model's parameter dtype for sampling, the log-prob passes and the loss gradient (taken with
+respect to that low-precision copy: one copy serves all three, and the gradient tree is the copy's
+size, not float32's), and the Adam and EMA updates are float32. A float32 model runs unchanged.
+
+Micro-batches (config.memory.micro_batches = M): the fixed log-prob passes run over M strided
+micro-batches of the prompts in turn, and so does the gradient, without changing the loss: the
+loss is first evaluated on stop-gradient policy log-probs (computed micro-batched), its gradient
+with respect to those log-prob arrays is taken on the whole batch, so baselines, normalizers and
+batch means are the full batch's, and ∇θ is then the sum over micro-batches of the log-prob passes'
+vector-Jacobian products with those cotangents, accumulated in float32
+(`micro_batched_loss_and_grad`). M = 1 is the plain value_and_grad of the loss.
 
 Determinism: step t's randomness is fold_in(seed_key, t), split into the policy's, the anchor's,
 the reference's and the loss's keys.
@@ -48,11 +61,16 @@ if TYPE_CHECKING:
 
 
 class TrainState(NamedTuple):
-    """Everything a step changes; checkpointed whole."""
+    """Everything a step changes; checkpointed whole.
+
+    params and anchor_params are the float32 master copies: the step computes with
+    `compute_params` of them (the model's parameter dtype, bfloat16 for the pretrained Gemma
+    configs) and updates them in float32, so that small updates (lr 3e-6, EMA η 0.02) are kept.
+    """
 
     step: jax.Array  # int32 scalar: steps completed
-    params: Any
-    anchor_params: Any  # None when the run has no anchor
+    params: Any  # float32 master weights of the policy
+    anchor_params: Any  # float32 master weights of the anchor; None when the run has no anchor
     opt_state: Any
     nonfinite_step: jax.Array  # int32: first step whose loss was NaN/inf, −1 while none was
     algo_state: Any = None  # the algorithm's own state (`Algorithm.init_state`, e.g. GDC++'s running Ẑ), or None
@@ -142,13 +160,29 @@ def as_float32(tree):
     return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
+def compute_params(setup: Setup, master):
+    """The copy of float32 master weights the model computes with: each floating leaf in the
+    model's parameter dtype (`setup.model.param_dtype`); the master itself when that is float32.
+
+    The step samples, runs its log-prob passes and takes the loss gradient with this copy, and
+    evaluation reads it too: it is the policy the run trains. None stays None (no anchor)."""
+    dtype = jnp.dtype(setup.model.param_dtype)
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
+    return jax.tree.map(cast, master)
+
+
+def master_copy(tree):
+    """A new float32 copy of `tree` (always a copy: the step donates the state, never the reference)."""
+    return jax.tree.map(lambda x: jnp.array(x, jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.array(x),
+                        tree)
+
+
 def init_state(setup: Setup, ref_params) -> TrainState:
-    """The policy (and anchor) start at the reference."""
-    copy = lambda tree: jax.tree.map(jnp.array, tree)
+    """The policy (and anchor) start at the reference, as float32 master weights (`master_copy`)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        params=copy(ref_params),
-        anchor_params=copy(ref_params) if setup.anchor_kind != "none" else None,
+        params=master_copy(ref_params),
+        anchor_params=master_copy(ref_params) if setup.anchor_kind != "none" else None,
         opt_state=make_optimizer(setup.config).init(as_float32(ref_params)),
         nonfinite_step=jnp.full((), -1, jnp.int32),
         algo_state=setup.algorithm.initial_state(),
@@ -208,15 +242,56 @@ def policy_logprobs(setup: Setup, params, samples: Samples, prompt_length: int) 
     )[1]
 
 
+def micro_batch_count(setup: Setup) -> int:
+    """config.memory.micro_batches: the micro-batches the step splits its prompts into for the
+    log-prob passes and the gradient (1: the whole batch at once)."""
+    return int(setup.config.memory.micro_batches)
+
+
+def split_micro_batches(tree, count: int):
+    """Leaves [B, ...] → [count, B/count, ...], micro-batch m holding rows m, m + count, m + 2·count, ...
+
+    Strided rather than contiguous: the batch axis is split over devices in contiguous blocks, so
+    every micro-batch keeps B/(count·D) rows on each of the D devices instead of living on a few."""
+    def split(x):
+        rows = x.shape[0]
+        if rows % count:
+            raise ValueError(f"config.memory.micro_batches={count} does not divide the step's {rows} prompts; "
+                             f"set it to a divisor of {rows}.")
+        return jnp.swapaxes(x.reshape((rows // count, count) + x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, tree)
+
+
+def join_micro_batches(tree):
+    """The inverse of `split_micro_batches`: leaves [count, B/count, ...] → [B, ...] in the original row order."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), tree)
+
+
+def sequences(samples: Samples) -> Samples:
+    """`samples` with only what a log-prob pass reads (tokens and masks); the other fields None."""
+    return Samples(samples.tokens, samples.attention_mask, samples.response_mask, None, None, None, None)
+
+
+def micro_batched_logprobs(setup: Setup, params, samples: Samples, prompt_length: int, micro_batches: int = 1):
+    """`policy_logprobs` [B, S] computed over `micro_batches` strided micro-batches of the prompts
+    in turn (lax.map), so that one pass holds the activations of B/micro_batches prompts only."""
+    if micro_batches == 1:
+        return policy_logprobs(setup, params, samples, prompt_length)
+    parts = split_micro_batches(sequences(samples), micro_batches)
+    return join_micro_batches(jax.lax.map(lambda part: policy_logprobs(setup, params, part, prompt_length), parts))
+
+
 def fixed_logprobs(setup: Setup, samples: Samples, source: str, logp_params: dict[str, Any],
-                   reads: frozenset[str] | set[str], prompt_length: int) -> Samples:
+                   reads: frozenset[str] | set[str], prompt_length: int, micro_batches: int = 1) -> Samples:
     """Phase 3: `samples` (drawn from `source`) with ref_logp and anchor_logp filled, without gradient.
 
     A field is computed when it is free — the sampler's own log-probs, when `source` drew the
     samples from the model itself (`is_plain_sampling`) — or when `reads` names it ('ref_logp',
     'anchor_logp'). A policy absent from `logp_params` (a run without an anchor) gives zeros.
     Fields neither free nor read stay None, so a loss that reads one it did not declare fails
-    instead of silently reading zeros.
+    instead of silently reading zeros. The passes run over `micro_batches` micro-batches of the
+    prompts (`micro_batched_logprobs`).
     """
     plain = is_plain_sampling(setup.config)
 
@@ -227,21 +302,23 @@ def fixed_logprobs(setup: Setup, samples: Samples, source: str, logp_params: dic
             return None
         if logp_params.get(name) is None:
             return jnp.zeros_like(samples.sampler_logp)
-        return policy_logprobs(setup, logp_params[name], samples, prompt_length)
+        return micro_batched_logprobs(setup, logp_params[name], samples, prompt_length, micro_batches)
 
     return samples._replace(ref_logp=under("reference", "ref_logp"), anchor_logp=under("anchor", "anchor_logp"))
 
 
 def draw_samples(setup: Setup, params, prompts, prompt_mask, key, count: int, judges, source: str,
-                 logp_params: dict[str, Any], reads: frozenset[str] | set[str]) -> Optional[Samples]:
+                 logp_params: dict[str, Any], reads: frozenset[str] | set[str],
+                 micro_batches: int = 1) -> Optional[Samples]:
     """Phases 1–3 for one sample set: `count` responses of `source`'s `params`, scored, with the
-    fixed log-probs `reads` names (see `fixed_logprobs`); None when count is 0."""
+    fixed log-probs `reads` names (see `fixed_logprobs`, over `micro_batches` micro-batches); None
+    when count is 0."""
     if not count:
         return None
     out = sample_responses(setup, params, prompts, prompt_mask, key, count)
     samples = Samples(out.tokens, out.attention_mask, out.response_mask, score(setup, judges, out),
                       out.logprobs.sum(-1), None, None)
-    return fixed_logprobs(setup, samples, source, logp_params, reads, prompts.shape[1])
+    return fixed_logprobs(setup, samples, source, logp_params, reads, prompts.shape[1], micro_batches)
 
 
 def pair_judge_of(setup: Setup, judges) -> Optional[Callable[[Samples], jax.Array]]:
@@ -251,39 +328,108 @@ def pair_judge_of(setup: Setup, judges) -> Optional[Callable[[Samples], jax.Arra
     return lambda s: preference_matrix(setup.preference_judge, judges["preference"], s)
 
 
-def loss_and_grad(setup: Setup, params, drawn: Drawn, hp, key, pair_judge, prompt_length: int, algo_state=None):
-    """Phase 4: the algorithm's (loss, metrics) on the drawn samples and its gradient in `params`.
+def loss_and_grad(setup: Setup, params, drawn: Drawn, hp, key, pair_judge, prompt_length: int, algo_state=None,
+                  micro_batches: int = 1):
+    """Phase 4: the algorithm's (loss, metrics) on the drawn samples and its gradient in `params`
+    (the compute copy, `compute_params`: the gradient has its dtype with one micro-batch, float32
+    when accumulated over several).
 
     The policy's log-probs are the only differentiable quantity (`LossInputs.policy_logp`). An
     algorithm with a state reads `algo_state` and returns the next one in the metrics
-    (`bond.algorithms.split_algo_state`)."""
+    (`bond.algorithms.split_algo_state`). With `micro_batches` > 1 the gradient is accumulated
+    over micro-batches of the prompts while the loss keeps the whole batch's statistics
+    (`micro_batched_loss_and_grad`)."""
 
-    def loss_fn(p):
+    def loss_of(policy_logp: Callable[[Samples], jax.Array]):
         inputs = LossInputs(
-            policy_logp=functools.partial(policy_logprobs, setup, p, prompt_length=prompt_length),
-            policy=drawn.policy, anchor=drawn.anchor, reference=drawn.reference, hp=hp, algo=setup.config.algo,
-            key=key, pair_judge=pair_judge, algo_state=algo_state,
+            policy_logp=policy_logp, policy=drawn.policy, anchor=drawn.anchor, reference=drawn.reference, hp=hp,
+            algo=setup.config.algo, key=key, pair_judge=pair_judge, algo_state=algo_state,
         )
         return setup.algorithm.loss(inputs)
 
-    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+    if micro_batches == 1:
+        loss_fn = lambda p: loss_of(functools.partial(policy_logprobs, setup, p, prompt_length=prompt_length))
+        return jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return micro_batched_loss_and_grad(setup, params, loss_of, prompt_length, micro_batches)
+
+
+def micro_batched_loss_and_grad(setup: Setup, params, loss_of: Callable, prompt_length: int, micro_batches: int):
+    """((loss, metrics), ∇θ loss) with the policy's differentiable log-prob passes over `micro_batches`
+    micro-batches of the prompts, exact for every loss.
+
+    `loss_of(policy_logp)` is the loss as a function of its policy log-prob function. A loss
+    depends on θ only through its calls policy_logp(samples_i) = ℓ_i(θ) ([B, S_i] each, on the
+    drawn sets or sets derived from them: best-of-2 picks, chosen / rejected), so with
+    L(θ) = f(ℓ_1(θ), …, ℓ_k(θ)):
+
+      1. record: run the loss once with a policy_logp that returns the stop-gradient ℓ_i,
+         computed micro-batched (`micro_batched_logprobs`), and remembers each call's samples in
+         call order;
+      2. replay: (loss, metrics), g_i = ∂f/∂ℓ_i by jax.value_and_grad of the loss as a function of
+         the recorded arrays (a replaying policy_logp returns them in the same order). Every batch
+         statistic (baselines, normalizers, quantiles, batch means) is inside f and sees the whole
+         batch: nothing is averaged per micro-batch;
+      3. accumulate: ∇θ L = Σ_m Σ_i vjp(ℓ_i restricted to micro-batch m)(g_i[m]), one backward pass
+         per micro-batch in a lax.scan, summed in float32.
+
+    The forward log-prob pass therefore runs twice (record, then inside each vjp). The loss must
+    call policy_logp at its top level (not inside a vmap, scan or cond of its own) and in an order
+    that does not depend on the log-probs' values, which holds for every registered loss.
+    """
+    calls: list[tuple[Samples, jax.Array]] = []
+
+    def record(samples: Samples) -> jax.Array:
+        logp = jax.lax.stop_gradient(micro_batched_logprobs(setup, params, samples, prompt_length, micro_batches))
+        calls.append((sequences(samples), logp))
+        return logp
+
+    loss_of(record)  # only its calls are kept; the loss itself is computed again in the replay
+    recorded_sets = [s for s, _ in calls]
+
+    def replay(values: list[jax.Array]):
+        queue = list(values)
+
+        def policy_logp(samples: Samples) -> jax.Array:
+            value = queue.pop(0)
+            if value.shape != samples.tokens.shape[:2]:
+                raise RuntimeError("the loss called policy_logp in another order when replayed; micro-batching "
+                                   "needs the same calls each time (set config.memory.micro_batches=1).")
+            return value
+
+        return loss_of(policy_logp)
+
+    (loss, metrics), cotangents = jax.value_and_grad(replay, has_aux=True)([v for _, v in calls])
+
+    def accumulate(total, part):
+        sets, cots = part
+        surrogate = lambda p: sum(jnp.sum(policy_logprobs(setup, p, s, prompt_length) * g) for s, g in zip(sets, cots))
+        grads = jax.grad(surrogate)(params)
+        return jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads), None
+
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
+    if not calls:  # a loss without policy log-probs has no gradient
+        return (loss, metrics), zeros
+    grads, _ = jax.lax.scan(accumulate, zeros, split_micro_batches((recorded_sets, cotangents), micro_batches))
+    return (loss, metrics), grads
 
 
 def optimizer_update(optimizer: optax.GradientTransformation, params, opt_state, grads, hp):
-    """Phase 5: θ ← θ − lr·Adam(∇θ), with float32 optimizer state and update math; parameters
-    are stored back in their own dtype (bfloat16 allowed)."""
-    updates, opt_state = optimizer.update(as_float32(grads), opt_state, as_float32(params))
+    """Phase 5: θ ← θ − lr·Adam(∇θ) on the float32 master weights `params`, with float32 optimizer
+    state and update math (gradients of any dtype are read in float32). Nothing is rounded to a
+    low-precision dtype here: an update far below a bfloat16 step (lr 3e-6) still moves θ."""
+    params, grads = as_float32(params), as_float32(grads)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
     lr = hp["learning_rate"] * hp["lr_scale"]
-    params = jax.tree.map(lambda p, u: (p.astype(jnp.float32) - lr * u).astype(p.dtype), params, updates)
+    params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
     return params, opt_state
 
 
 def anchor_update(kind: str, anchor, params, step, hp, period: int):
-    """Phase 6: the anchor rule. 'ema': θ_anchor ← (1 − η)·θ_anchor + η·θ (BOND §6), in float32,
-    stored in the anchor's dtype; 'hard': copy θ every `period` steps (iterative BOND, §5)."""
+    """Phase 6: the anchor rule on float32 master weights. 'ema': θ_anchor ← (1 − η)·θ_anchor + η·θ
+    (BOND §6), in float32; 'hard': copy θ every `period` steps (iterative BOND, §5)."""
     if kind == "ema":
         eta = hp["anchor_eta"]
-        return jax.tree.map(lambda a, p: ((1.0 - eta) * a.astype(jnp.float32) + eta * p).astype(a.dtype), anchor, params)
+        return jax.tree.map(lambda a, p: (1.0 - eta) * a.astype(jnp.float32) + eta * p.astype(jnp.float32), anchor, params)
     if kind == "hard":
         move = (step + 1) % period == 0
         return jax.tree.map(lambda a, p: jnp.where(move, p, a), anchor, params)
@@ -294,7 +440,7 @@ def step_metrics(loss, loss_metrics, grads, drawn: Drawn,
                  kl_ref_estimate: Callable[[str, Samples], jax.Array]) -> dict[str, jax.Array]:
     """Phase 7: the loss's metrics, the gradient norm, and per sample set (policy, anchor) its mean
     reward, mean length and the Monte-Carlo KL(·‖π_ref) estimate mean(log q − log π_ref)."""
-    metrics = {**loss_metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    metrics = {**loss_metrics, "loss": loss, "grad_norm": optax.tree.norm(as_float32(grads))}
     for name in ("policy", "anchor"):
         samples = getattr(drawn, name)
         if samples is not None:
@@ -319,27 +465,30 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, Batch, Fixed, Traced]
     plan, algorithm = setup.plan, setup.algorithm
     optimizer = make_optimizer(setup.config)
     period = int(setup.config.anchor.period)
+    micro_batches = micro_batch_count(setup)
 
     def step(state: TrainState, batch: Batch, fixed: Fixed, traced: Traced) -> tuple[TrainState, dict]:
         hp, prompt_length = traced.hparams, batch.prompts.shape[1]
         key = jax.random.fold_in(traced.seed_key, state.step)
         k_policy, k_anchor, k_ref, k_loss = jax.random.split(key, 4)
-        logp_params = {"reference": fixed.reference, "anchor": state.anchor_params}
+        # The policy and anchor as the model computes with them; the master weights stay float32.
+        params_c, anchor_c = compute_params(setup, state.params), compute_params(setup, state.anchor_params)
+        logp_params = {"reference": fixed.reference, "anchor": anchor_c}
 
         def draw(params, k, count, source):
             return draw_samples(setup, params, batch.prompts, batch.prompt_mask, k, count, fixed.judges, source,
-                                logp_params, algorithm.reads_of(source))
+                                logp_params, algorithm.reads_of(source), micro_batches)
 
-        policy = draw(state.params, k_policy, plan.policy, "policy")
-        anchor = draw(state.anchor_params, k_anchor, plan.anchor, "anchor")
+        policy = draw(params_c, k_policy, plan.policy, "policy")
+        anchor = draw(anchor_c, k_anchor, plan.anchor, "anchor")
         if traced.reference_samples is not None:  # this batch's rows of the per-prompt reference samples
             reference = jax.tree.map(lambda x: x[batch.prompt_rows], traced.reference_samples)
         else:
             reference = draw(fixed.reference, k_ref, plan.reference, "reference")
         drawn = Drawn(policy, anchor, reference)
 
-        (loss, loss_metrics), grads = loss_and_grad(setup, state.params, drawn, hp, k_loss,
-                                                    pair_judge_of(setup, fixed.judges), prompt_length, state.algo_state)
+        (loss, loss_metrics), grads = loss_and_grad(setup, params_c, drawn, hp, k_loss, pair_judge_of(setup, fixed.judges),
+                                                    prompt_length, state.algo_state, micro_batches)
         loss_metrics, algo_state = split_algo_state(loss_metrics, state.algo_state)
         params, opt_state = optimizer_update(optimizer, state.params, state.opt_state, grads, hp)
         anchor_params = anchor_update(setup.anchor_kind, state.anchor_params, params, state.step, hp, period)
@@ -349,8 +498,8 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, Batch, Fixed, Traced]
         def kl_ref_estimate(name: str, samples: Samples) -> jax.Array:
             if samples.ref_logp is not None:
                 return jnp.mean(samples.sampler_logp - samples.ref_logp)
-            estimate = lambda: jnp.mean(
-                samples.sampler_logp - policy_logprobs(setup, fixed.reference, samples, prompt_length))
+            estimate = lambda: jnp.mean(samples.sampler_logp - micro_batched_logprobs(
+                setup, fixed.reference, samples, prompt_length, micro_batches))
             return jax.lax.cond(batch.logging, estimate, lambda: jnp.float32(jnp.nan))
 
         metrics = step_metrics(loss, loss_metrics, grads, drawn, kl_ref_estimate)

@@ -48,7 +48,10 @@ from bond.algorithms import get_algorithm
 from bond.checkpoint import Checkpointer, abstract_like
 from bond.context import Setup, anchor_kind, eval_key, judge_shardings, make_setup, reference_cache_key
 from bond.evaluation import Evaluator
-from bond.step import Batch, Fixed, Traced, TrainState, draw_samples, init_state, make_optimizer, state_shardings, traced_inputs
+from bond.step import (
+    Batch, Fixed, Traced, TrainState, compute_params, draw_samples, init_state, make_optimizer, state_shardings,
+    traced_inputs,
+)
 from bond.tasks import Prompts
 from bond.validation import ConfigError
 
@@ -122,7 +125,7 @@ class Adaptation:
         return self
 
     def params(self) -> Any:
-        """The adapted copies' parameters, [num_prompts, ...] leaves in host memory."""
+        """The adapted copies' float32 master weights, [num_prompts, ...] leaves in host memory."""
         return jax.tree.map(lambda x: np.asarray(x)[: self.num_prompts], jax.device_get(self.state.params))
 
 
@@ -232,9 +235,10 @@ class ExactTables:
         return self.evaluator.rewards
 
     def logprobs(self, stacked_params) -> jax.Array:
-        """Exact log π_i(y | x_i) [num, M] of copy i on its own prompt x_i."""
+        """Exact log π_i(y | x_i) [num, M] of copy i on its own prompt x_i (`stacked_params` master
+        weights or the model's own dtype: evaluated as the model computes, `compute_params`)."""
         ev = self.evaluator
-        return self._logprobs(stacked_params, ev.prompts, ev.prompt_mask)
+        return self._logprobs(compute_params(self.setup, stacked_params), ev.prompts, ev.prompt_mask)
 
     def metrics(self, stacked_params, ns: Sequence[int]) -> dict[str, dict[str, np.ndarray]]:
         """`exact.exact_metrics` of the copies (copy i on prompt i) for best-of-N with N in `ns`:

@@ -26,7 +26,7 @@ from bond.context import build_context, eval_key, is_logging_step
 from bond.evaluation import Evaluator
 from bond.metrics import MetricWriter, Progress, check_finite, read_metrics
 from bond.plots import plot_run, write_reference_front
-from bond.step import TrainState
+from bond.step import TrainState, compute_params
 
 
 def is_eval_step(step: int, config) -> bool:
@@ -68,7 +68,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
     progress = Progress(c.steps)
 
     def evaluate(step: int) -> dict:
-        metrics = {f"eval/{k}": v for k, v in evaluator(sharding.process_local(state.params)).items()}
+        # The policy as the step samples it: the compute copy of the master weights.
+        policy = compute_params(context.setup, sharding.process_local(state.params))
+        metrics = {f"eval/{k}": v for k, v in evaluator(policy).items()}
         writer.write(step, metrics)
         return metrics
 

@@ -142,6 +142,23 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
         f"config.batch_size={config.batch_size} must be divisible by the data axes of config.mesh_shape={tuple(config.mesh_shape)} "
         f"({data_shards} batch shards); use a multiple of {data_shards}.",
     )
+    _check_micro_batches(config, data_shards)
+
+
+def _check_micro_batches(config: ml_collections.ConfigDict, data_shards: int) -> None:
+    """config.memory.micro_batches divides the batch, and each micro-batch still splits over the batch shards."""
+    count = _integer(config, "memory.micro_batches", 1)
+    _require(
+        config.batch_size % count == 0,
+        f"config.memory.micro_batches={count} must divide config.batch_size={config.batch_size}; use a divisor of it.",
+    )
+    rows = config.batch_size // count
+    _require(
+        rows % data_shards == 0,
+        f"config.memory.micro_batches={count} leaves {rows} prompts per micro-batch, which do not split over the "
+        f"{data_shards} batch shards of config.mesh_shape={tuple(config.mesh_shape)}; use micro_batches such that "
+        f"config.batch_size / micro_batches is a multiple of {data_shards}.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from bond import train
 from bond.config_base import load_config, set_field
 from bond.context import make_setup
-from bond.step import init_state
+from bond.step import compute_params, init_state
 from bond.metrics import read_metrics
 from bond.models.preference import (
     Responses,
@@ -198,10 +198,12 @@ def _tiny(name: str, **changes):
     return config
 
 
-def test_checkpoint_setup_bfloat16_parameters_keep_float32_optimizer_state():
+def test_checkpoint_setup_bfloat16_model_keeps_float32_master_weights_and_optimizer_state():
     setup, params = make_setup(_tiny("j_bond_gemma.py", **{"pretrained.param_dtype": "bfloat16"}), log=lambda s: None)
     state = init_state(setup, params)
-    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(compute_params(setup, state.params))} == {jnp.dtype(jnp.bfloat16)}
     assert {x.dtype for x in jax.tree.leaves(state.opt_state)} <= {jnp.dtype(jnp.float32), jnp.dtype(jnp.int32)}
     hf = json.loads((FIXTURES / "llama" / "config.json").read_text())
     tokenizer_config = json.loads((FIXTURES / "llama" / "tokenizer_config.json").read_text())
