@@ -14,9 +14,12 @@ import math
 import re
 
 GIB = 2**30
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-                "s64": 8, "u64": 8, "f64": 8}
-_ARRAY = re.compile(r"\b(pred|[subf]\d+)\[([\d,]*)\]")
+# Bytes per element of the HLO element types (pred is stored as a byte; 4-bit types padded to one).
+_DTYPE_BYTES = {
+    "pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4,
+    "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+}
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\]")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) ([\w\-]+)\((.*)$")
 _OP_NAME = re.compile(r'op_name="([^"]+)"')
 _SOURCE_FILE = re.compile(r'source_file="([^"]+)"')
@@ -25,7 +28,15 @@ _NOT_BUFFERS = ("parameter", "constant", "get-tuple-element", "bitcast", "tuple"
 
 
 def _nbytes(dtype: str, dims: str) -> int:
-    return math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES.get(dtype, 4)
+    """Bytes of one HLO array type; ValueError for an element type the table does not know (so that
+    nothing is silently miscounted)."""
+    if dtype.startswith("f8"):
+        size = 1
+    elif dtype in _DTYPE_BYTES:
+        size = _DTYPE_BYTES[dtype]
+    else:
+        raise ValueError(f"unknown HLO element type {dtype!r}; add it to bond.hlo._DTYPE_BYTES.")
+    return math.prod(int(d) for d in dims.split(",") if d) * size
 
 
 def computations(hlo_text: str) -> dict[str, list[str]]:

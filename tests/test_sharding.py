@@ -15,7 +15,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bond import compile_report, models, sharding
+from bond import hlo, models, sharding
 from bond.context import build_context
 from bond.sampling import sample
 from test_population import tiny
@@ -261,7 +261,7 @@ def test_fsdp_decode_loop_gathers_weights_only_in_the_fsdp_layout(layout, host_p
 
     program = sharding.jit_sharded(draw, in_shardings=(param_sh, batch_sh), out_shardings=batch_sh,
                                    compiler_options=FAST_COMPILE, activation_mesh=mesh)
-    per_token = compile_report.collective_bytes(program.lower(params, batch).compile().as_text())
+    per_token = hlo.loop_collective_bytes(program.lower(params, batch).compile().as_text())
     if layout == "fsdp":
         assert per_token > 16, per_token
     else:
