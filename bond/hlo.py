@@ -70,7 +70,8 @@ def _fusion_bodies(comps: dict[str, list[str]]) -> set[str]:
 
 def largest_buffers(hlo_text: str, count: int = 5) -> list[dict]:
     """The `count` largest array results among the program's materialized instructions (not inside a
-    fusion): their GiB, dtype[shape], HLO opcode and the jax operation that made them (op_name)."""
+    fusion; every array of a multi-output instruction): their GiB, dtype[shape], HLO opcode and the
+    jax operation that made them (op_name)."""
     comps = computations(hlo_text)
     fused = _fusion_bodies(comps)
     found = []
@@ -78,12 +79,13 @@ def largest_buffers(hlo_text: str, count: int = 5) -> list[dict]:
         if name in fused:
             continue
         for _, result, opcode, line in _instructions(lines):
-            arrays = _ARRAY.findall(result)
-            if opcode in _NOT_BUFFERS or len(arrays) != 1:
+            if opcode in _NOT_BUFFERS or opcode.endswith("-done"):  # a -done returns its -start's buffer
                 continue
-            dtype, dims = arrays[0]
+            arrays = sorted(_ARRAY.findall(result), key=lambda a: -_nbytes(*a))
+            # an async -start's tuple holds its operand and its result: the result is the new buffer
             op = _OP_NAME.search(line)
-            found.append((_nbytes(dtype, dims), f"{dtype}[{dims}]", opcode, op.group(1) if op else ""))
+            for dtype, dims in arrays[:1] if opcode.endswith("-start") else arrays:
+                found.append((_nbytes(dtype, dims), f"{dtype}[{dims}]", opcode, op.group(1) if op else ""))
     found.sort(key=lambda x: -x[0])
     return [{"gib": round(size / GIB, 3), "array": array, "hlo": opcode, "op": op} for size, array, opcode, op in found[:count]]
 

@@ -798,6 +798,11 @@ def chunked_token_logprobs(
     body is rematerialized (jax.checkpoint), so the backward pass recomputes its [N, chunk] logits
     instead of storing them: memory O(N chunk) instead of O(N V) both ways. A vocabulary that
     `chunk` does not divide is padded with rows whose logits are -inf.
+
+    Chunks are strided: with K chunks, chunk k holds the ids k, k + K, k + 2K, ... The output
+    matrix is split over the mesh along its vocabulary (the 'vocab' rule), in contiguous blocks;
+    strided chunks keep every chunk split the same way, so each device scans its own rows, where
+    contiguous chunks would make the scan gather the whole matrix onto every device.
     """
     lead, width = hidden.shape[:-1], hidden.shape[-1]
     h = hidden.reshape(-1, width).astype(config.dtype)
@@ -805,27 +810,26 @@ def chunked_token_logprobs(
     matrix = output_embedding(config, params)
     vocab = matrix.shape[0]
     num_chunks = -(-vocab // chunk)
-    matrix = jnp.pad(matrix, ((0, num_chunks * chunk - vocab), (0, 0))).reshape(num_chunks, chunk, width)
+    matrix = jnp.pad(matrix, ((0, num_chunks * chunk - vocab), (0, 0)))
+    matrix = matrix.reshape(chunk, num_chunks, width).transpose(1, 0, 2)  # [k, j] is id j·K + k
+    in_chunk = jnp.arange(chunk) * num_chunks
 
     @jax.checkpoint
     def body(carry, xs):
         running_max, running_sum, picked = carry
-        rows, start = xs
+        rows, k = xs
         z = jnp.dot(h, rows.T).astype(jnp.float32) / temperature
-        ids = start + jnp.arange(chunk)
-        z = jnp.where(ids < vocab, z, -jnp.inf)
+        z = jnp.where(k + in_chunk < vocab, z, -jnp.inf)
         # The logsumexp's value does not depend on the shift, so its gradient need not flow through it.
         new_max = jax.lax.stop_gradient(jnp.maximum(running_max, z.max(axis=-1)))
         running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(z - new_max[:, None]).sum(axis=-1)
-        offset = targets - start
-        inside = (offset >= 0) & (offset < chunk)
-        here = jnp.take_along_axis(z, jnp.clip(offset, 0, chunk - 1)[:, None], axis=-1)[:, 0]
+        inside = targets % num_chunks == k
+        here = jnp.take_along_axis(z, (targets // num_chunks)[:, None], axis=-1)[:, 0]
         return (new_max, running_sum, picked + jnp.where(inside, here, 0.0)), None
 
     rows = h.shape[0]
     init = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows,), jnp.float32))
-    starts = jnp.arange(num_chunks) * chunk
-    (running_max, running_sum, picked), _ = jax.lax.scan(body, init, (matrix, starts))
+    (running_max, running_sum, picked), _ = jax.lax.scan(body, init, (matrix, jnp.arange(num_chunks)))
     return (picked - (running_max + jnp.log(running_sum))).reshape(lead)
 
 
