@@ -456,17 +456,6 @@ def step_metrics(loss, loss_metrics, grads, drawn: Drawn,
 # The step
 
 
-def after(previous, params):
-    """`params`, available only once `previous` is computed (an XLA optimization barrier; values unchanged).
-
-    The sampler gathers its weights whole before decoding (`config.memory.decode_weights`); without
-    this, XLA may gather the anchor's weights while the policy still decodes, holding two gathered
-    copies of the model at once. Sampling the sets one after another keeps one."""
-    if previous is None or params is None:
-        return params
-    return jax.lax.optimization_barrier((previous, params))[1]
-
-
 def make_train_step(setup: Setup) -> Callable[[TrainState, Batch, Fixed, Traced], tuple[TrainState, dict]]:
     """The step (state, batch, fixed, traced) → (state, metrics), the phases above in order.
 
@@ -491,11 +480,11 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, Batch, Fixed, Traced]
                                 logp_params, algorithm.reads_of(source), micro_batches)
 
         policy = draw(params_c, k_policy, plan.policy, "policy")
-        anchor = draw(after(policy, anchor_c), k_anchor, plan.anchor, "anchor")
+        anchor = draw(anchor_c, k_anchor, plan.anchor, "anchor")
         if traced.reference_samples is not None:  # this batch's rows of the per-prompt reference samples
             reference = jax.tree.map(lambda x: x[batch.prompt_rows], traced.reference_samples)
         else:
-            reference = draw(after((policy, anchor), fixed.reference), k_ref, plan.reference, "reference")
+            reference = draw(fixed.reference, k_ref, plan.reference, "reference")
         drawn = Drawn(policy, anchor, reference)
 
         (loss, loss_metrics), grads = loss_and_grad(setup, params_c, drawn, hp, k_loss, pair_judge_of(setup, fixed.judges),
