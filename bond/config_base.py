@@ -166,6 +166,7 @@ def pretrained_smoke_run(c: ml_collections.ConfigDict, prompts: list[str], **pre
     )
     c.pretrained.prompts.update(source="inline:" + json.dumps(prompts), template="{text}")
     c.update(steps=3, batch_size=8, log_every=1, plots=False, mesh_shape=(-1, 1, 1))
+    c.memory = base_config().memory  # the plain path: nothing to save at this size
     c.eval.update(every=2, num_prompts=4, num_samples=4)
     c.checkpoint.update(every=2, keep=2)
     return c

@@ -84,7 +84,9 @@ def get_config(arg: str | None = None):
     c.eval.update(every=100, num_prompts=64, num_samples=4, exact=False)
     c.checkpoint.update(every=100, keep=3)
     c.log_every = 10
-    c.mesh_shape = (1, -1, 1)  # FSDP over every device of one host; see the docstring for two hosts
+    c.mesh_shape = (1, -1, 2)  # FSDP over the host's devices, tensor-parallel pairs; see the docstring for two hosts
+    # The smallest per-chip need measured for Gemma-2B on a v5e-8 (benchmarks/README.md, "Paper scale").
+    c.memory.update(remat="nothing_saveable", logprob_vocab_chunk=32000)
     return apply_args(c, arg, variants={
         "tiny": tiny,
         "gemma_2b": lambda c: at_model_scale(c, "gemma_2b", batch_size=64, judges=("reward_path",)),
