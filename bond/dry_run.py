@@ -42,9 +42,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from bond.hlo import decode_loop_collective_bytes, largest_buffers
+from bond.hlo import GIB, decode_loop_collective_bytes, largest_buffers
 
-GIB = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
