@@ -45,7 +45,6 @@ import ml_collections
 from bond.hlo import GIB, decode_loop_collective_bytes, largest_buffers
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Chip:
     """A TPU generation: jax's chip_config_name for it, chips per host, memory and peak bf16 FLOP/s per chip."""
