@@ -40,6 +40,9 @@ from bond.sweep import is_finished, population_groups  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "experiments" / "results"
+# The quick budget's training length: a curve's two ends (step 0 and the last step) are all the
+# quick checks read; the claims come from the full budgets.
+QUICK_STEPS = 10
 
 
 def config(spec: str, quick: bool, **overrides: Any) -> ml_collections.ConfigDict:
@@ -52,6 +55,11 @@ def config(spec: str, quick: bool, **overrides: Any) -> ml_collections.ConfigDic
     for field, value in overrides.items():
         set_field(c, field, value)
     return c
+
+
+def quick_steps(quick: bool) -> dict[str, int]:
+    """{"steps": QUICK_STEPS} in quick mode (an override of the config's own quick length), else {}."""
+    return {"steps": QUICK_STEPS} if quick else {}
 
 
 def run_overrides(steps: int, eval_every: int, checkpoint_every: int, seed: int) -> dict[str, Any]:

@@ -60,7 +60,7 @@ class Budget:
 
 FULL = Budget(steps=300, period=50, eval_every=25, iterative_ns=(2, 4), bond_ns=(4, 8, 16))
 # Quick: one program per algorithm family (each shape-changing n is its own compile).
-QUICK = Budget(steps=30, period=10, eval_every=10, iterative_ns=(2,), bond_ns=(4,))  # evaluated at every anchor move
+QUICK = Budget(steps=12, period=4, eval_every=4, iterative_ns=(2,), bond_ns=(4,))  # evaluated at every anchor move
 
 
 def budget(quick: bool) -> Budget:

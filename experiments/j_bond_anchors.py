@@ -52,8 +52,8 @@ class Budget:
 
 
 FULL = Budget(steps=300, eval_every=25, etas=(0.01, 0.05, 0.1), gammas=(0.0, 0.5, 1.0, 2.0), hard_etas=(0.01, 0.05, 0.1))
-# Quick: one EMA population and one hard-anchor program.
-QUICK = Budget(steps=30, eval_every=30, etas=(0.01, 0.05, 0.1), gammas=(0.0, 0.5, 1.0, 2.0), hard_etas=(0.1,))
+# Quick: one EMA population (two η, two γ) and one hard-anchor program.
+QUICK = Budget(steps=common.QUICK_STEPS, eval_every=common.QUICK_STEPS, etas=(0.01, 0.1), gammas=(0.0, 1.0), hard_etas=(0.1,))
 
 
 def budget(quick: bool) -> Budget:

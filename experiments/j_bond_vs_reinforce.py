@@ -48,7 +48,7 @@ class Budget:
 
 
 FULL = Budget(steps=300, eval_every=25)
-QUICK = Budget(steps=30, eval_every=30)  # evaluated at its ends only
+QUICK = Budget(steps=common.QUICK_STEPS, eval_every=common.QUICK_STEPS)  # evaluated at its ends only
 
 
 def budget(quick: bool) -> Budget:

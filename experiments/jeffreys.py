@@ -32,9 +32,9 @@ METRICS = {
 
 
 def eval_every(quick: bool) -> int:
-    """Evaluation period: the quick budget's 40 steps evaluate at its ends only (each exact
-    evaluation enumerates every response), the full budget's 300 every 20."""
-    return 40 if quick else 20
+    """Evaluation period: the quick budget evaluates at its ends only (each exact evaluation
+    enumerates every response), the full budget's 300 steps every 20."""
+    return common.QUICK_STEPS if quick else 20
 
 
 def configs(quick: bool) -> dict:
@@ -42,7 +42,7 @@ def configs(quick: bool) -> dict:
     return {
         f"beta{beta:g}": common.config(
             CONFIG, quick, **{"algo.n": float(N), "algo.beta": beta, "eval.bon_ns": (N,),
-                              "eval.every": eval_every(quick)})
+                              "eval.every": eval_every(quick), **common.quick_steps(quick)})
         for beta in BETAS
     }
 

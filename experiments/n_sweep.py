@@ -26,7 +26,7 @@ NS_QUICK = (8,)  # each N is a separate program: one in the quick budget
 
 
 def eval_every(quick: bool) -> int:
-    return 40 if quick else 25  # quick: the ends of its 40 steps only (each exact evaluation enumerates every response)
+    return common.QUICK_STEPS if quick else 25  # quick: its ends only (each exact evaluation enumerates every response)
 
 
 def configs(quick: bool) -> dict:
@@ -34,7 +34,7 @@ def configs(quick: bool) -> dict:
     ns = NS_QUICK if quick else NS_FULL
     return {
         f"n{n}": common.config(CONFIG, quick, **{"algo.n": float(n), "eval.bon_ns": NS_FULL,
-                                                 "eval.every": eval_every(quick)})
+                                                 "eval.every": eval_every(quick), **common.quick_steps(quick)})
         for n in ns
     }
 

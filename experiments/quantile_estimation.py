@@ -145,14 +145,15 @@ def analysis(tables: bon_theory.ReferenceTables, ks: tuple[int, ...], draws: int
 
 
 def eval_every(quick: bool) -> int:
-    return 40 if quick else 50  # quick: the ends of its 40 steps only
+    return common.QUICK_STEPS if quick else 50  # quick: its ends only
 
 
 def configs(quick: bool) -> dict:
     """label → config: backward-KL BOND (β = 1) towards Best-of-N with k reference samples."""
     return {
         f"k{k}": common.config(CONFIG, quick, **{"algo.n": float(N), "algo.beta": 1.0, "algo.num_ref_samples": k,
-                                                 "eval.bon_ns": (N,), "eval.every": eval_every(quick)})
+                                                 "eval.bon_ns": (N,), "eval.every": eval_every(quick),
+                                                 **common.quick_steps(quick)})
         for k in (KS_QUICK if quick else KS_FULL)
     }
 
