@@ -7,6 +7,7 @@ weighted by its probability (float64), so the expected gradient has no Monte-Car
 compared with the gradient of the objective the loss's docstring names, to 1e-6 or better.
 """
 
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -16,6 +17,8 @@ import numpy as np
 import pytest
 
 from bond import algorithms, tabular
+from bond.bon import bon_probs
+from bond.losses import rejection_sft
 from bond.algorithms import LossInputs, Samples
 from bond.models import preferences_from_rewards
 
@@ -232,4 +235,146 @@ def test_registry_j_bond_follows_its_objective_for_a_fixed_anchor():
             return jnp.mean(tabular.j_bond_objective(t, w.anchor, w.rewards, beta=beta, gamma=gamma))
 
         np.testing.assert_allclose(expected_gradient("j_bond", algo, theta, w), jax.grad(objective)(theta),
+                                   atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# BOND, iterative BOND, vBoN: the log-quantile reward from k samples of the target
+
+
+def expected_smoothed_log_quantile(log_probs: jax.Array, rewards: jax.Array, k: int) -> jax.Array:
+    """E[log((c + 1)/(k + 1))] [B, K] for each response y, c ~ Binomial(k, p_le(y)) the number of k
+    target samples whose reward is <= r(y): the expectation of `bon.smoothed_log_quantile` from k
+    samples, in closed form (distinct rewards)."""
+    probs = jnp.exp(log_probs)
+    p_le = jnp.sum(probs[:, None, :] * (rewards[:, None, :] <= rewards[:, :, None]), axis=-1)
+    counts = jnp.arange(k + 1, dtype=jnp.float64)
+    choose = jnp.asarray([math.comb(k, c) for c in range(k + 1)], jnp.float64)
+    binomial = choose * p_le[..., None] ** counts * (1 - p_le[..., None]) ** (k - counts)
+    return jnp.sum(binomial * jnp.log((counts + 1) / (k + 1)), axis=-1)
+
+
+@pytest.mark.parametrize("name", ["bond", "iterative_bond"])
+def test_registry_bond_follows_the_jeffreys_objective_with_the_smoothed_quantile(name):
+    """BOND (towards Best-of-N of π_ref) and iterative BOND (of the anchor), S = 2 policy samples and
+    max(k, N) = 3 target samples per prompt: the expected gradient is that of
+    `tabular.jeffreys_bond_objective` — (1−β)·KL(π_BoN‖π) + β·E_π[log π − log π_target −
+    (N−1)·q̄] — with π_BoN the exact Best-of-N of the target and q̄(y) the expectation of the
+    smoothed log-quantile from the 3 target samples. The other target's tables give another
+    gradient (the test tells a wiring that read π_ref for the anchor apart)."""
+    with jax.enable_x64(True):
+        w = world(num_prompts=2)
+        n, k, beta = 3, 2, 0.4
+        algo = algo_config(n=float(n), num_ref_samples=k, num_samples=2, beta=beta)
+        theta = w.ref + jnp.asarray([[0.4, -0.5, 0.3], [0.1, 0.2, -0.6]])
+        samples_of_target = max(k, n)
+
+        def objective(t, target):
+            q_bar = expected_smoothed_log_quantile(target, w.rewards, samples_of_target)
+            bon = bon_probs(jnp.exp(target), w.rewards, n)
+            return jnp.mean(tabular.jeffreys_bond_objective(t, target, q_bar, bon, n=n, beta=beta))
+
+        target, other = (w.ref, w.anchor) if name == "bond" else (w.anchor, w.ref)
+        got = expected_gradient(name, algo, theta, w)
+        np.testing.assert_allclose(got, jax.grad(objective)(theta, target), atol=1e-12)
+        assert np.max(np.abs(got - jax.grad(objective)(theta, other))) > 1e-3
+
+
+def test_registry_vbon_follows_the_backward_kl_with_the_smoothed_quantile():
+    """vBoN (S = 2 policy samples, k = 3 reference samples): the expected gradient is that of
+    KL(π‖π_ref) − (N−1)·E_π[q̄], q̄ the expected smoothed log-quantile from k reference samples."""
+    with jax.enable_x64(True):
+        w = world(num_prompts=2)
+        n, k = 4, 3
+        algo = algo_config(n=float(n), num_ref_samples=k, num_samples=2)
+        theta = w.ref + jnp.asarray([[0.4, -0.5, 0.3], [0.1, 0.2, -0.6]])
+        q_bar = expected_smoothed_log_quantile(w.ref, w.rewards, k)
+
+        def objective(t):
+            return jnp.mean(tabular.bond_backward_objective(t, w.ref, q_bar, n=n))
+
+        np.testing.assert_allclose(expected_gradient("vbon", algo, theta, w), jax.grad(objective)(theta), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# RAFT, BoNBoN, sppo_hard
+
+
+def test_registry_raft_fits_best_of_its_own_samples():
+    """RAFT (S = 3 samples of π, SFT on the best): the expected gradient is that of
+    KL(Best-of-3(π)‖π_θ), the Best-of-3 target held at the sampler's π, averaged over prompts."""
+    with jax.enable_x64(True):
+        w = world(num_prompts=2)
+        algo = algo_config(num_samples=3)
+        theta = w.ref + jnp.asarray([[0.4, -0.5, 0.3], [0.1, 0.2, -0.6]])
+        target = bon_probs(jnp.exp(jax.nn.log_softmax(theta)), w.rewards, 3)
+
+        def objective(t):
+            return jnp.mean(tabular.forward_kl_objective(t, target))
+
+        np.testing.assert_allclose(expected_gradient("raft", algo, theta, w), jax.grad(objective)(theta), atol=1e-12)
+
+
+def best_worst_probs(ref_probs: jax.Array, rewards: jax.Array, n: int) -> jax.Array:
+    """P(best = i, worst = j) [K, K] among n i.i.d. draws of one prompt's π_ref (distinct rewards), by
+    inclusion–exclusion over the reward interval [r_j, r_i]: every draw inside it, minus those
+    missing either end."""
+    below_or_at = rewards[None, :] <= rewards[:, None]  # [i, y]: r(y) <= r(i)
+    inside = lambda lo_open, hi_open: jnp.sum(
+        ref_probs[None, None, :]
+        * jnp.where(hi_open, rewards[None, None, :] < rewards[:, None, None], below_or_at[:, None, :])
+        * jnp.where(lo_open, rewards[None, None, :] > rewards[None, :, None], below_or_at.T[None, :, :]),
+        axis=-1,
+    ) ** n
+    probs = inside(False, False) - inside(True, False) - inside(False, True) + inside(True, True)
+    return jnp.where(rewards[:, None] >= rewards[None, :], probs, 0.0)
+
+
+def test_registry_bonbon_fits_best_of_n_and_the_best_worst_margin():
+    """BoNBoN (n = 3 samples of π_ref, one prompt): the expected gradient is that of
+    α·KL(π_BoN‖π_θ) + (1−α)·Σ_{i≠j} P(best = i, worst = j)·(h_i − h_j − 1/(2β))², h = log π_θ − log π_ref,
+    β = bonbon_beta(n); a draw whose samples are all one response carries no pair."""
+    with jax.enable_x64(True):
+        w = world(num_prompts=1)
+        n, alpha = 3, 0.3
+        algo = algo_config(n=float(n), bonbon_alpha=alpha)
+        theta = w.ref + jnp.asarray([[0.4, -0.5, 0.3]])
+        ref_probs, rewards = jnp.exp(w.ref[0]), w.rewards[0]
+        pairs = best_worst_probs(ref_probs, rewards, n)
+        # a distribution over (best, worst), whose diagonal is the draws of one response n times
+        np.testing.assert_allclose([jnp.sum(pairs), *jnp.diag(pairs)], [1.0, *ref_probs**n], atol=1e-12)
+        pairs = pairs * (1 - jnp.eye(K))
+        margin_target = 0.5 / rejection_sft.bonbon_beta(n)
+
+        def objective(t):
+            h = (jax.nn.log_softmax(t) - w.ref)[0]
+            sft = tabular.forward_kl_objective(t, bon_probs(ref_probs, rewards, n)[None])[0]
+            ipo = jnp.sum(pairs * (h[:, None] - h[None, :] - margin_target) ** 2)
+            return alpha * sft + (1 - alpha) * ipo
+
+        np.testing.assert_allclose(expected_gradient("bonbon", algo, theta, w), jax.grad(objective)(theta), atol=1e-12)
+
+
+def test_registry_sppo_hard_pins_each_log_ratio_and_pulls_equal_pairs_to_the_reference():
+    """sppo_hard (S = 2 samples of π): the expected gradient is that of Σ_{y,y'} π(y)π(y')·
+    [(h(best) − t)² + (h(worst) + t)²], t = 1/(2·pref_beta), π held at the sampler. A draw of one
+    response twice is its own best and worst: 2h² + 2t², a pull of h towards 0 (π_ref), which a tie
+    mask (DPO, IPO) would drop."""
+    with jax.enable_x64(True):
+        w = world(num_prompts=2)
+        beta = 0.5
+        algo = algo_config(num_samples=2, pref_beta=beta)
+        theta = w.ref + jnp.asarray([[0.4, -0.5, 0.3], [0.1, 0.2, -0.6]])
+        pi = jax.lax.stop_gradient(jnp.exp(jax.nn.log_softmax(theta)))
+        t = 0.5 / beta
+
+        def objective(th):
+            h = jax.nn.log_softmax(th) - w.ref  # [B, K]
+            better = w.rewards[:, :, None] > w.rewards[:, None, :]  # [B, i, j]: i is the best, j the worst
+            pair_loss = (h[:, :, None] - t) ** 2 + (h[:, None, :] + t) ** 2
+            decided = jnp.sum(2 * pi[:, :, None] * pi[:, None, :] * better * pair_loss, axis=(1, 2))
+            same = jnp.sum(pi**2 * ((h - t) ** 2 + (h + t) ** 2), axis=-1)
+            return jnp.mean(decided + same)
+
+        np.testing.assert_allclose(expected_gradient("sppo_hard", algo, theta, w), jax.grad(objective)(theta),
                                    atol=1e-12)
