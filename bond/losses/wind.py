@@ -67,9 +67,13 @@ def wind(
       win rate; log Z_t is replaced by its first-order value, as SPPO does, so the minimizer
       matches the step to first order in (ρ, κ).
     - 'kl' (weighted maximum likelihood): −Σ_i ŵ_i·log π_θ(y_i) per prompt, ŵ the softmax over
-      the prompt's samples of log w_i + a_i + κ·Ŵ_i; it minimizes KL(π̂_{t+1}‖π_θ) for the target
-      π̂_{t+1} ∝ π_t·exp(a + κŴ), i.e. the step with W estimated by Ŵ. Prompts are averaged with
-      weight Σ_i w_i.
+      the prompt's samples of log w_i + a_i + κ·Ŵ_i: self-normalized importance weights of the
+      step's target π_{t+1} ∝ π_t·exp(a + κW) against the sampler π_t. Prompts are averaged with
+      weight Σ_i w_i. Its expected minimizer, E[Σ_i ŵ_i·1[y_i = y]], is biased by the
+      normalization within each group of S samples, O(1/S), not by Ŵ: on a 3-response bandit
+      (tests/test_wind.py, η = 1, β = 0.2) its total variation from the exact step is
+      0.028 / 0.014 / 0.007 at S = 4 / 8 / 16 with the exact W in place of Ŵ, and
+      0.006 / 0.003 / 0.001 with Ŵ (there the estimate offsets part of the bias).
 
     Args:
       logp: log π_θ(y) [B, S] (differentiated); logp_t: log π_t(y) [B, S] of the sampling policy;
