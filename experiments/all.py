@@ -31,6 +31,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "distribution_matching",
     "over_optimization",
     "rejection_sampling",
+    "test_time",
 )
 
 
