@@ -15,6 +15,10 @@ no KL weight. Each run's exact (KL(π‖π_ref), reward) trajectory is compared 
   on the eval prompts (full mode; computed from the toy language's enumerated π_ref). The gap
   front(KL) − reward measures how far a run is from the best trade-off at the KL it spent.
 
+Full mode trains every configuration with seeds 0, 1 and 2 (quick: seed 0): the final numbers are
+reported as mean ± standard error over the seeds, and the domination fractions per seed (J-BOND
+against the REINFORCE runs of the same seed). The figure shows seed 0.
+
 The paper's claim: J-BOND's trade-off beats every REINFORCE run without a KL weight to tune.
 """
 
@@ -35,7 +39,7 @@ from experiments import common
 from experiments.iterative_bond import curves, reference_tables
 
 NAME = "j_bond_vs_reinforce"
-SEED = 0
+SEEDS_FULL, SEEDS_QUICK = (0, 1, 2), (0,)
 KL_COEFS = (0.001, 0.01, 0.1, 1.0)
 
 
@@ -56,15 +60,30 @@ def budget(quick: bool) -> Budget:
     return QUICK if quick else FULL
 
 
+def seeds(quick: bool) -> tuple[int, ...]:
+    return SEEDS_QUICK if quick else SEEDS_FULL
+
+
+def base_labels() -> tuple[str, ...]:
+    """One label per compared configuration: each REINFORCE β_RL, then J-BOND."""
+    return (*(f"reinforce_kl{coef:g}" for coef in KL_COEFS), "j_bond")
+
+
+def seed_label(base: str, seed: int) -> str:
+    """The run of `base` with `seed`; seed 0 keeps the bare label."""
+    return base if seed == 0 else f"{base}_seed{seed}"
+
+
 def run_configs(quick: bool) -> dict[str, ml_collections.ConfigDict]:
-    """label → config: REINFORCE for each β_RL (one population) and J-BOND."""
+    """label → config: REINFORCE for each β_RL and seed (one population), J-BOND for each seed (another)."""
     b = budget(quick)
-    shared = common.run_overrides(b.steps, b.eval_every, checkpoint_every=b.steps if quick else 50, seed=SEED)
-    configs = {
-        f"reinforce_kl{coef:g}": common.config("reinforce.py", quick, **shared, **{"algo.kl_coef": coef})
-        for coef in KL_COEFS
-    }
-    configs["j_bond"] = common.config("j_bond.py", quick, **shared)
+    configs = {}
+    for seed in seeds(quick):
+        shared = common.run_overrides(b.steps, b.eval_every, checkpoint_every=b.steps if quick else 50, seed=seed)
+        for coef in KL_COEFS:
+            configs[seed_label(f"reinforce_kl{coef:g}", seed)] = common.config(
+                "reinforce.py", quick, **shared, **{"algo.kl_coef": coef})
+        configs[seed_label("j_bond", seed)] = common.config("j_bond.py", quick, **shared)
     return configs
 
 
@@ -100,6 +119,22 @@ def domination_summary(runs: Mapping[str, Mapping[str, Sequence[float]]], group_
     return {"a_dominated_by_b": float(dominated(a, b).mean()), "b_dominated_by_a": float(dominated(b, a).mean())}
 
 
+def mean_and_standard_error(values: Sequence[float]) -> dict[str, Any]:
+    """Mean over seeds, its standard error (sample std / √seeds; None for one seed) and the values."""
+    values = np.asarray(values, float)
+    se = float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else None
+    return {"mean": float(values.mean()), "se": se, "per_seed": values.tolist()}
+
+
+def across_seeds(summaries: Mapping[str, Mapping[str, float]], seeds_: Sequence[int]) -> dict[str, Any]:
+    """base label → each summary number's mean ± standard error over the seeds' runs."""
+    out = {}
+    for base in base_labels():
+        rows = [summaries[seed_label(base, s)] for s in seeds_]
+        out[base] = {key: mean_and_standard_error([r[key] for r in rows]) for key in rows[0]}
+    return out
+
+
 def run_summary(run_: Mapping[str, Sequence[float]], front: Mapping[str, Sequence[float]] | None) -> dict[str, Any]:
     """Final reward and KL, and (with a front) the final and mean gap to it after step 0."""
     summary: dict[str, Any] = {"final_reward": run_["reward"][-1], "final_kl_policy_ref": run_["kl_policy_ref"][-1]}
@@ -120,16 +155,26 @@ def run(out: Path, quick: bool) -> dict:
     runs = {label: curves(h) for label, h in histories.items()}
     # The toy π_ref's tables cost a model load and an exact-evaluation compile: full mode only.
     front = None if quick else kl_regularized_front(*reference_tables(configs["j_bond"]), FRONT_BETAS)
-    reinforce = [label for label in runs if label.startswith("reinforce")]
+    reinforce = [label for label in base_labels() if label.startswith("reinforce")]
+    summaries = {label: run_summary(r, front) for label, r in runs.items()}
+
+    def domination(seed: int) -> dict[str, Any]:
+        """J-BOND's trajectory against the REINFORCE runs of the same seed."""
+        j_bond, others = seed_label("j_bond", seed), [seed_label(label, seed) for label in reinforce]
+        return domination_summary(runs, [j_bond], others) | {
+            f"j_bond_vs_{label}": domination_summary(runs, [j_bond], [seed_label(label, seed)]) for label in reinforce}
+
+    per_seed = {str(s): domination(s) for s in seeds(quick)}
     results: dict[str, Any] = {
-        "seeds": [SEED],
+        "seeds": list(seeds(quick)),
         "budget": dataclasses.asdict(b),
         "kl_coefs": list(KL_COEFS),
         "samples_per_prompt": {"reinforce": configs[reinforce[0]].algo.num_samples, "j_bond": "1 policy + 2 anchor"},
         "runs": runs,
-        "summary": {label: run_summary(r, front) for label, r in runs.items()},
-        "domination": domination_summary(runs, ["j_bond"], reinforce)
-        | {f"j_bond_vs_{label}": domination_summary(runs, ["j_bond"], [label]) for label in reinforce},
+        "summary": summaries,
+        "across_seeds": across_seeds(summaries, seeds(quick)),
+        "domination": per_seed[str(seeds(quick)[0])],
+        "domination_per_seed": per_seed,
         "front": front,
     }
     plot(results, out)
@@ -143,7 +188,8 @@ def plot(results: Mapping[str, Any], out: Path) -> Path:
     front = results["front"]
     if front is not None:
         left.plot(front["kl"], front["reward"], "k-", lw=1, label="exact front π_ref·exp(r/β)/Z")
-    for i, (label, run_) in enumerate(results["runs"].items()):
+    for i, label in enumerate(base_labels()):  # the first seed's runs
+        run_ = results["runs"][label]
         color, style = f"C{i}", "-" if label == "j_bond" else "--"
         width = 2.5 if label == "j_bond" else 1.2
         left.plot(run_["kl_policy_ref"], run_["reward"], style, color=color, lw=width, marker=".", label=label)
@@ -171,9 +217,15 @@ def check(record: Mapping[str, Any]) -> None:
     evaluations starting at π_ref; fractions in [0, 1]; no run above the exact front."""
     b = QUICK if record["mode"] == "quick" else FULL
     common.check_run_curves(record["runs"], set(run_configs(record["mode"] == "quick")), b.steps // b.eval_every + 1)
-    for key, value in record["domination"].items():
-        fractions = value.values() if isinstance(value, Mapping) else [value]
-        assert all(0.0 <= f <= 1.0 for f in fractions), f"domination {key}={value} outside [0, 1]"
+    assert set(record["domination_per_seed"]) == {str(s) for s in record["seeds"]}, "a seed's domination is missing"
+    for seed, domination in record["domination_per_seed"].items():
+        for key, value in domination.items():
+            fractions = value.values() if isinstance(value, Mapping) else [value]
+            assert all(0.0 <= f <= 1.0 for f in fractions), f"seed {seed}: domination {key}={value} outside [0, 1]"
+    for base, numbers in record["across_seeds"].items():
+        for key, value in numbers.items():
+            assert len(value["per_seed"]) == len(record["seeds"]), f"{base}: {key} lacks seeds"
+            assert abs(value["mean"] - np.mean(value["per_seed"])) < 1e-9, f"{base}: {key} mean"
     if record["front"] is not None:
         assert np.all(np.diff(record["front"]["kl"]) >= 0), "front not sorted by KL"
         for label, summary in record["summary"].items():
