@@ -4,9 +4,9 @@ LLVM's optimizations, and one persistent compilation cache for the session.
 The flags must be set before jax is first imported; unsharded computations still run on
 device 0 exactly as on a one-device machine. Compiling dominates this suite's time. At the test
 models' sizes (tiny programs) these flags cut the CPU time to compile a J-BOND train step from
-19.2 s to 2.4 s and run it about as fast: LLVM optimization level 0 (19.2 -> 7.1 s), XLA's
+14.6 s to 2.3 s and run it about as fast (jax 0.10.2): LLVM optimization level 0 (-> 6.6 s), XLA's
 classic elemental emitters instead of its MLIR fusion emitters (-> 3.3 s), and one LLVM module per
-program instead of several compiled in parallel (-> 2.4 s). Every comparison a test makes is
+program instead of several compiled in parallel (-> 2.3 s). Every comparison a test makes is
 between programs compiled alike (the processes it launches inherit the flags). Many tests (and
 the processes they launch) compile the same programs, so JAX's persistent compilation cache is
 shared by the test workers and their subprocesses. It is keyed by the program and the compiler
