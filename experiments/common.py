@@ -62,6 +62,18 @@ def quick_steps(quick: bool) -> dict[str, int]:
     return {"steps": QUICK_STEPS} if quick else {}
 
 
+def seed_label(base: str, seed: int) -> str:
+    """The label of the run of configuration `base` with `seed`; seed 0 keeps the bare label."""
+    return base if seed == 0 else f"{base}_seed{seed}"
+
+
+def mean_and_standard_error(values: Sequence[float]) -> dict[str, Any]:
+    """Mean over seeds, its standard error (sample std / √seeds; None for one seed) and the values."""
+    values = np.asarray(values, float)
+    se = float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else None
+    return {"mean": float(values.mean()), "se": se, "per_seed": values.tolist()}
+
+
 def run_overrides(steps: int, eval_every: int, checkpoint_every: int, seed: int) -> dict[str, Any]:
     """The budget fields an experiment's runs share, on one device (the numbers do not depend on the
     device count; a test's fake devices would only pad populations)."""

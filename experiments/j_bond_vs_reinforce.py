@@ -69,11 +69,6 @@ def base_labels() -> tuple[str, ...]:
     return (*(f"reinforce_kl{coef:g}" for coef in KL_COEFS), "j_bond")
 
 
-def seed_label(base: str, seed: int) -> str:
-    """The run of `base` with `seed`; seed 0 keeps the bare label."""
-    return base if seed == 0 else f"{base}_seed{seed}"
-
-
 def run_configs(quick: bool) -> dict[str, ml_collections.ConfigDict]:
     """label → config: REINFORCE for each β_RL and seed (one population), J-BOND for each seed (another)."""
     b = budget(quick)
@@ -81,9 +76,9 @@ def run_configs(quick: bool) -> dict[str, ml_collections.ConfigDict]:
     for seed in seeds(quick):
         shared = common.run_overrides(b.steps, b.eval_every, checkpoint_every=b.steps if quick else 50, seed=seed)
         for coef in KL_COEFS:
-            configs[seed_label(f"reinforce_kl{coef:g}", seed)] = common.config(
+            configs[common.seed_label(f"reinforce_kl{coef:g}", seed)] = common.config(
                 "reinforce.py", quick, **shared, **{"algo.kl_coef": coef})
-        configs[seed_label("j_bond", seed)] = common.config("j_bond.py", quick, **shared)
+        configs[common.seed_label("j_bond", seed)] = common.config("j_bond.py", quick, **shared)
     return configs
 
 
@@ -119,19 +114,12 @@ def domination_summary(runs: Mapping[str, Mapping[str, Sequence[float]]], group_
     return {"a_dominated_by_b": float(dominated(a, b).mean()), "b_dominated_by_a": float(dominated(b, a).mean())}
 
 
-def mean_and_standard_error(values: Sequence[float]) -> dict[str, Any]:
-    """Mean over seeds, its standard error (sample std / √seeds; None for one seed) and the values."""
-    values = np.asarray(values, float)
-    se = float(values.std(ddof=1) / np.sqrt(values.size)) if values.size > 1 else None
-    return {"mean": float(values.mean()), "se": se, "per_seed": values.tolist()}
-
-
 def across_seeds(summaries: Mapping[str, Mapping[str, float]], seeds_: Sequence[int]) -> dict[str, Any]:
     """base label → each summary number's mean ± standard error over the seeds' runs."""
     out = {}
     for base in base_labels():
-        rows = [summaries[seed_label(base, s)] for s in seeds_]
-        out[base] = {key: mean_and_standard_error([r[key] for r in rows]) for key in rows[0]}
+        rows = [summaries[common.seed_label(base, s)] for s in seeds_]
+        out[base] = {key: common.mean_and_standard_error([r[key] for r in rows]) for key in rows[0]}
     return out
 
 
@@ -160,9 +148,9 @@ def run(out: Path, quick: bool) -> dict:
 
     def domination(seed: int) -> dict[str, Any]:
         """J-BOND's trajectory against the REINFORCE runs of the same seed."""
-        j_bond, others = seed_label("j_bond", seed), [seed_label(label, seed) for label in reinforce]
+        j_bond, others = common.seed_label("j_bond", seed), [common.seed_label(label, seed) for label in reinforce]
         return domination_summary(runs, [j_bond], others) | {
-            f"j_bond_vs_{label}": domination_summary(runs, [j_bond], [seed_label(label, seed)]) for label in reinforce}
+            f"j_bond_vs_{label}": domination_summary(runs, [j_bond], [common.seed_label(label, seed)]) for label in reinforce}
 
     per_seed = {str(s): domination(s) for s in seeds(quick)}
     results: dict[str, Any] = {

@@ -5,6 +5,8 @@ and reports that β = 0.5 keeps both divergences low while either pure KL (β = 
 β = 1: backward only) leaves the other one high. Here configs/bond.py (N = 8) trains with
 β ∈ {0, 0.5, 1} as one population (β is traced), and the evaluator computes both KLs exactly over
 the enumerated response space of the eval prompts (eval/kl_bon8_policy, eval/kl_policy_bon8).
+Full mode trains seeds 0, 1 and 2 (all nine runs in one population) and reports the final numbers
+as mean ± standard error over the seeds (`across_seeds`); the figure shows seed 0.
 
     python -m experiments.jeffreys [--quick] [--out DIR]
 """
@@ -21,6 +23,7 @@ NAME = "jeffreys"
 CONFIG = "bond.py"
 N = 8
 BETAS = (0.0, 0.5, 1.0)
+SEEDS_FULL, SEEDS_QUICK = (0, 1, 2), (0,)
 FORWARD, BACKWARD = f"eval/kl_bon{N}_policy", f"eval/kl_policy_bon{N}"
 METRICS = {
     "forward_kl": FORWARD,  # KL(π_BoN‖π)
@@ -37,12 +40,19 @@ def eval_every(quick: bool) -> int:
     return common.QUICK_STEPS if quick else 20
 
 
+def labels(quick: bool) -> dict[str, list[str]]:
+    """β's label → the labels of its runs, one per seed of the mode."""
+    return {f"beta{beta:g}": [common.seed_label(f"beta{beta:g}", s) for s in (SEEDS_QUICK if quick else SEEDS_FULL)]
+            for beta in BETAS}
+
+
 def configs(quick: bool) -> dict:
-    """label → config: configs/bond.py with N = 8 and each β."""
+    """label → config: configs/bond.py with N = 8, each β and each seed."""
     return {
-        f"beta{beta:g}": common.config(
-            CONFIG, quick, **{"algo.n": float(N), "algo.beta": beta, "eval.bon_ns": (N,),
+        common.seed_label(f"beta{beta:g}", seed): common.config(
+            CONFIG, quick, **{"algo.n": float(N), "algo.beta": beta, "eval.bon_ns": (N,), "seed": seed,
                               "eval.every": eval_every(quick), **common.quick_steps(quick)})
+        for seed in (SEEDS_QUICK if quick else SEEDS_FULL)
         for beta in BETAS
     }
 
@@ -68,6 +78,11 @@ def run(out: Path, quick: bool) -> dict:
         "eval_every": eval_every(quick),
         "seeds": sorted({int(c.seed) for c in cs.values()}),
         "runs": runs,
+        "across_seeds": {
+            base: {key: common.mean_and_standard_error([runs[label]["final"][key] for label in seed_labels])
+                   for key in runs[base]["final"]}
+            for base, seed_labels in labels(quick).items()
+        },
     }
     plot(record, out)
     return record
@@ -83,7 +98,8 @@ def plot(record: dict, out: Path) -> None:
         ("reward", "reward (dotted: exact Best-of-N)"),
     )
     for ax, (key, title) in zip(axes, panels):
-        for label, r in record["runs"].items():
+        for label in (f"beta{beta:g}" for beta in BETAS):  # seed 0
+            r = record["runs"][label]
             ax.plot(r["steps"], r[key], marker="o", ms=3, label=f"β = {r['beta']:g}")
             if key == "reward":
                 ax.axhline(r["bon_reward"][0], color="k", ls=":", lw=1)
@@ -97,7 +113,9 @@ def plot(record: dict, out: Path) -> None:
 
 def check(record: dict) -> None:
     expected_points = record["steps"] // record["eval_every"] + 1
-    assert set(record["runs"]) == {f"beta{b:g}" for b in BETAS}, f"runs are {sorted(record['runs'])}"
+    quick = record["mode"] == "quick"
+    assert set(record["runs"]) == set(configs(quick)), f"runs are {sorted(record['runs'])}"
+    assert set(record["across_seeds"]) == set(labels(quick)), "a β's summary over seeds is missing"
     for label, r in record["runs"].items():
         for key in METRICS:
             values = np.asarray(r[key], float)
