@@ -74,6 +74,17 @@ def mean_and_standard_error(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": float(values.mean()), "se": se, "per_seed": values.tolist()}
 
 
+def across_seeds(summaries: Mapping[str, Mapping[str, float]], bases: Sequence[str],
+                 seeds: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """base label → each number of its runs' summaries (label → {name: value}) as mean ± standard
+    error over `seeds` (the runs `seed_label(base, seed)`)."""
+    out = {}
+    for base in bases:
+        rows = [summaries[seed_label(base, s)] for s in seeds]
+        out[base] = {key: mean_and_standard_error([r[key] for r in rows]) for key in rows[0]}
+    return out
+
+
 def run_overrides(steps: int, eval_every: int, checkpoint_every: int, seed: int) -> dict[str, Any]:
     """The budget fields an experiment's runs share, on one device (the numbers do not depend on the
     device count; a test's fake devices would only pad populations)."""

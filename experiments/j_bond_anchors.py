@@ -13,11 +13,13 @@ hard anchor with K = 1/η is refreshed once per that time constant (η = 0.01, 0
 20, 10). Its own lag behind the policy runs from 0 to K−1 steps, (K−1)/2 on average: matching the
 mean lag instead would give K ≈ 2/η.
 
-Runs (seed 0): the EMA anchor with η ∈ {0.01, 0.05, 0.1} and γ = 0; the γ·KL(π‖π_anchor)
+Runs (seeds 0, 1, 2 in full mode, seed 0 in quick mode): the EMA anchor with η ∈ {0.01, 0.05, 0.1} and γ = 0; the γ·KL(π‖π_anchor)
 regularizer with γ ∈ {0, 0.5, 1, 2} at η = 0.05; the hard anchor with K = 1/η for each η and γ = 0.
-η and γ are traced, so every EMA run trains in one population program; each K is its own program.
-Reported: exact reward and KL(π‖π_ref) during training, and the trade-off as the gap to the exact
-KL-regularized front (experiments/j_bond_vs_reinforce.py, full mode).
+η, γ and the seed are traced, so every EMA run trains in one population program; each K is its own
+program (its seeds one population). Reported: exact reward and KL(π‖π_ref) during training, and the
+trade-off as the gap to the exact KL-regularized front (experiments/j_bond_vs_reinforce.py, full
+mode), as mean ± standard error over the seeds, with each matched pair's EMA − hard difference per
+seed. The figure shows seed 0.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from experiments.iterative_bond import curves, reference_tables
 from experiments.j_bond_vs_reinforce import run_summary
 
 NAME = "j_bond_anchors"
-SEED = 0
+SEEDS_FULL, SEEDS_QUICK = (0, 1, 2), (0,)
 GAMMA_ETA = 0.05  # the η of the γ sweep (configs/j_bond.py's default)
 
 
@@ -76,22 +78,44 @@ def hard_label(eta: float) -> str:
     return f"hard_K{matched_period(eta)}_gamma0"
 
 
-def run_configs(quick: bool) -> dict[str, ml_collections.ConfigDict]:
-    """label → config: the EMA runs (η sweep at γ = 0, γ sweep at η = 0.05), then the hard anchors."""
-    b = budget(quick)
-    shared = common.run_overrides(b.steps, b.eval_every, checkpoint_every=b.steps if quick else 50, seed=SEED)
+def seeds(quick: bool) -> tuple[int, ...]:
+    return SEEDS_QUICK if quick else SEEDS_FULL
+
+
+def base_labels(b: Budget) -> list[str]:
+    """One label per configuration: the EMA runs (η sweep at γ = 0, γ sweep at η = 0.05), then the hard anchors."""
     points = [(eta, 0.0) for eta in b.etas] + [(GAMMA_ETA, gamma) for gamma in b.gammas]
-    configs = {
-        ema_label(eta, gamma): common.config(
-            "j_bond.py", quick, **shared, **{"anchor.kind": "ema", "anchor.eta": eta, "algo.gamma": gamma}
-        )
-        for eta, gamma in dict.fromkeys(points)
-    }
-    for eta in b.hard_etas:
-        configs[hard_label(eta)] = common.config(
-            "j_bond.py", quick, **shared, **{"anchor.kind": "hard", "anchor.period": matched_period(eta), "algo.gamma": 0.0}
-        )
+    return [ema_label(eta, gamma) for eta, gamma in dict.fromkeys(points)] + [hard_label(eta) for eta in b.hard_etas]
+
+
+def run_configs(quick: bool) -> dict[str, ml_collections.ConfigDict]:
+    """label → config: every configuration of `base_labels` for every seed of the mode."""
+    b = budget(quick)
+    configs = {}
+    for seed in seeds(quick):
+        shared = common.run_overrides(b.steps, b.eval_every, checkpoint_every=b.steps if quick else 50, seed=seed)
+        points = [(eta, 0.0) for eta in b.etas] + [(GAMMA_ETA, gamma) for gamma in b.gammas]
+        for eta, gamma in dict.fromkeys(points):
+            configs[common.seed_label(ema_label(eta, gamma), seed)] = common.config(
+                "j_bond.py", quick, **shared, **{"anchor.kind": "ema", "anchor.eta": eta, "algo.gamma": gamma})
+        for eta in b.hard_etas:
+            configs[common.seed_label(hard_label(eta), seed)] = common.config(
+                "j_bond.py", quick, **shared,
+                **{"anchor.kind": "hard", "anchor.period": matched_period(eta), "algo.gamma": 0.0})
     return configs
+
+
+def paired_differences(summaries: Mapping[str, Mapping[str, float]], b: Budget, seeds_: tuple[int, ...]) -> dict:
+    """Per matched η: EMA minus hard anchor, per seed and as mean ± standard error, of each summary number."""
+    out = {}
+    for eta in b.hard_etas:
+        ema, hard = ema_label(eta, 0.0), hard_label(eta)
+        out[f"{eta:g}"] = {
+            key: common.mean_and_standard_error([summaries[common.seed_label(ema, s)][key]
+                                                 - summaries[common.seed_label(hard, s)][key] for s in seeds_])
+            for key in summaries[ema]
+        }
+    return out
 
 
 def run(out: Path, quick: bool) -> dict:
@@ -101,14 +125,17 @@ def run(out: Path, quick: bool) -> dict:
     runs = {label: curves(h) for label, h in histories.items()}
     # The toy π_ref's tables cost a model load and an exact-evaluation compile: full mode only.
     front = None if quick else kl_regularized_front(*reference_tables(next(iter(configs.values()))), FRONT_BETAS)
+    summaries = {label: run_summary(r, front) for label, r in runs.items()}
     results: dict[str, Any] = {
-        "seeds": [SEED],
+        "seeds": list(seeds(quick)),
         "budget": dataclasses.asdict(b),
         "matching_rule": "hard period K = round(1/eta)",
         "eta_pairs": {f"{eta:g}": {"ema": ema_label(eta, 0.0), "hard": hard_label(eta)} for eta in b.hard_etas},
         "gamma_runs": {f"{g:g}": ema_label(GAMMA_ETA, g) for g in b.gammas},
         "runs": runs,
-        "summary": {label: run_summary(r, front) for label, r in runs.items()},
+        "summary": summaries,
+        "across_seeds": common.across_seeds(summaries, base_labels(b), seeds(quick)),
+        "ema_minus_hard": paired_differences(summaries, b, seeds(quick)),
         "front": front,
     }
     plot(results, b, out)
@@ -151,6 +178,8 @@ def check(record: Mapping[str, Any]) -> None:
     evaluations starting at π_ref, and (with the front) no run above the exact front."""
     b = QUICK if record["mode"] == "quick" else FULL
     common.check_run_curves(record["runs"], set(run_configs(record["mode"] == "quick")), b.steps // b.eval_every + 1)
+    assert set(record["across_seeds"]) == set(base_labels(b)), "a configuration's summary over seeds is missing"
+    assert set(record["ema_minus_hard"]) == {f"{eta:g}" for eta in b.hard_etas}, "a matched pair is missing"
     if record["front"] is not None:
         for label, summary in record["summary"].items():
             assert summary["final_front_gap"] >= -1e-3, f"{label} is above the exact front by {-summary['final_front_gap']}"

@@ -114,15 +114,6 @@ def domination_summary(runs: Mapping[str, Mapping[str, Sequence[float]]], group_
     return {"a_dominated_by_b": float(dominated(a, b).mean()), "b_dominated_by_a": float(dominated(b, a).mean())}
 
 
-def across_seeds(summaries: Mapping[str, Mapping[str, float]], seeds_: Sequence[int]) -> dict[str, Any]:
-    """base label → each summary number's mean ± standard error over the seeds' runs."""
-    out = {}
-    for base in base_labels():
-        rows = [summaries[common.seed_label(base, s)] for s in seeds_]
-        out[base] = {key: common.mean_and_standard_error([r[key] for r in rows]) for key in rows[0]}
-    return out
-
-
 def run_summary(run_: Mapping[str, Sequence[float]], front: Mapping[str, Sequence[float]] | None) -> dict[str, Any]:
     """Final reward and KL, and (with a front) the final and mean gap to it after step 0."""
     summary: dict[str, Any] = {"final_reward": run_["reward"][-1], "final_kl_policy_ref": run_["kl_policy_ref"][-1]}
@@ -160,7 +151,7 @@ def run(out: Path, quick: bool) -> dict:
         "samples_per_prompt": {"reinforce": configs[reinforce[0]].algo.num_samples, "j_bond": "1 policy + 2 anchor"},
         "runs": runs,
         "summary": summaries,
-        "across_seeds": across_seeds(summaries, seeds(quick)),
+        "across_seeds": common.across_seeds(summaries, base_labels(), seeds(quick)),
         "domination": per_seed[str(seeds(quick)[0])],
         "domination_per_seed": per_seed,
         "front": front,

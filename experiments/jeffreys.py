@@ -42,8 +42,11 @@ def eval_every(quick: bool) -> int:
 
 def labels(quick: bool) -> dict[str, list[str]]:
     """β's label → the labels of its runs, one per seed of the mode."""
-    return {f"beta{beta:g}": [common.seed_label(f"beta{beta:g}", s) for s in (SEEDS_QUICK if quick else SEEDS_FULL)]
-            for beta in BETAS}
+    return {f"beta{beta:g}": [common.seed_label(f"beta{beta:g}", s) for s in seeds(quick)] for beta in BETAS}
+
+
+def seeds(quick: bool) -> tuple[int, ...]:
+    return SEEDS_QUICK if quick else SEEDS_FULL
 
 
 def configs(quick: bool) -> dict:
@@ -52,7 +55,7 @@ def configs(quick: bool) -> dict:
         common.seed_label(f"beta{beta:g}", seed): common.config(
             CONFIG, quick, **{"algo.n": float(N), "algo.beta": beta, "eval.bon_ns": (N,), "seed": seed,
                               "eval.every": eval_every(quick), **common.quick_steps(quick)})
-        for seed in (SEEDS_QUICK if quick else SEEDS_FULL)
+        for seed in seeds(quick)
         for beta in BETAS
     }
 
@@ -78,11 +81,8 @@ def run(out: Path, quick: bool) -> dict:
         "eval_every": eval_every(quick),
         "seeds": sorted({int(c.seed) for c in cs.values()}),
         "runs": runs,
-        "across_seeds": {
-            base: {key: common.mean_and_standard_error([runs[label]["final"][key] for label in seed_labels])
-                   for key in runs[base]["final"]}
-            for base, seed_labels in labels(quick).items()
-        },
+        "across_seeds": common.across_seeds({label: r["final"] for label, r in runs.items()}, list(labels(quick)),
+                                            seeds(quick)),
     }
     plot(record, out)
     return record
