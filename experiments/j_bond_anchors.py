@@ -82,26 +82,30 @@ def seeds(quick: bool) -> tuple[int, ...]:
     return SEEDS_QUICK if quick else SEEDS_FULL
 
 
-def base_labels(b: Budget) -> list[str]:
-    """One label per configuration: the EMA runs (η sweep at γ = 0, γ sweep at η = 0.05), then the hard anchors."""
+def configurations(b: Budget) -> dict[str, dict[str, Any]]:
+    """label → its anchor and γ overrides: the EMA runs (η sweep at γ = 0, γ sweep at η = 0.05), then
+    the hard anchors."""
     points = [(eta, 0.0) for eta in b.etas] + [(GAMMA_ETA, gamma) for gamma in b.gammas]
-    return [ema_label(eta, gamma) for eta, gamma in dict.fromkeys(points)] + [hard_label(eta) for eta in b.hard_etas]
+    out = {ema_label(eta, gamma): {"anchor.kind": "ema", "anchor.eta": eta, "algo.gamma": gamma}
+           for eta, gamma in dict.fromkeys(points)}
+    for eta in b.hard_etas:
+        out[hard_label(eta)] = {"anchor.kind": "hard", "anchor.period": matched_period(eta), "algo.gamma": 0.0}
+    return out
+
+
+def base_labels(b: Budget) -> list[str]:
+    """One label per configuration (`configurations`)."""
+    return list(configurations(b))
 
 
 def run_configs(quick: bool) -> dict[str, ml_collections.ConfigDict]:
-    """label → config: every configuration of `base_labels` for every seed of the mode."""
+    """label → config: every configuration for every seed of the mode."""
     b = budget(quick)
     configs = {}
     for seed in seeds(quick):
         shared = common.run_overrides(b.steps, b.eval_every, checkpoint_every=b.steps if quick else 50, seed=seed)
-        points = [(eta, 0.0) for eta in b.etas] + [(GAMMA_ETA, gamma) for gamma in b.gammas]
-        for eta, gamma in dict.fromkeys(points):
-            configs[common.seed_label(ema_label(eta, gamma), seed)] = common.config(
-                "j_bond.py", quick, **shared, **{"anchor.kind": "ema", "anchor.eta": eta, "algo.gamma": gamma})
-        for eta in b.hard_etas:
-            configs[common.seed_label(hard_label(eta), seed)] = common.config(
-                "j_bond.py", quick, **shared,
-                **{"anchor.kind": "hard", "anchor.period": matched_period(eta), "algo.gamma": 0.0})
+        for label, overrides in configurations(b).items():
+            configs[common.seed_label(label, seed)] = common.config("j_bond.py", quick, **shared, **overrides)
     return configs
 
 
