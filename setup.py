@@ -71,6 +71,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["bond", "bond.*"]),
+    package_data={"bond.models": ["presets/*.json"]},  # the dry run's model shapes (preset:gemma_2b, ...)
     install_requires=RUNTIME,
     extras_require={"test": TEST, "bench": BENCH, "wandb": WANDB, "tpu": TPU},
 )
