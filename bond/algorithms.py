@@ -21,6 +21,7 @@ and then `--config.algorithm=hinge_bond`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, NamedTuple, Optional
@@ -301,6 +302,19 @@ def first(samples: Samples, count: int) -> Samples:
     return jax.tree.map(lambda x: x[:, :count], samples)
 
 
+def policy_logps(inputs: LossInputs, *sets: Samples) -> list[jax.Array]:
+    """log π_θ of several sample sets of the same prompts ([B, S_i, T] each) in one differentiated
+    pass: [B, S_1], [B, S_2], ...
+
+    The sets are joined along the samples axis, so each prompt is run once for all of them and the
+    backward pass makes one gradient contribution per weight instead of one per set.
+    """
+    joined = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *sets)
+    logp = inputs.policy_logp(joined)
+    bounds = list(itertools.accumulate(s.tokens.shape[1] for s in sets))[:-1]
+    return jnp.split(logp, bounds, axis=1)
+
+
 def log_quantiles(samples: Samples, against: Samples) -> jax.Array:
     """Smoothed log p̂_le of each sample's reward among `against`'s rewards (bon.smoothed_log_quantile)."""
     return bon.smoothed_log_quantile(samples.rewards, against.rewards)
@@ -339,11 +353,12 @@ def _bond_loss(target: str) -> LossFn:
         samples = getattr(inputs, target)
         target_logp = inputs.policy.ref_logp if target == "reference" else inputs.policy.anchor_logp
         bon_sample = best_of(samples, _count(inputs.algo, "n"), inputs.key)
+        policy_logp, bon_logp = policy_logps(inputs, inputs.policy, bon_sample)
         return losses.jeffreys_bond(
-            inputs.policy_logp(inputs.policy),
+            policy_logp,
             target_logp,
             log_quantiles(inputs.policy, samples),
-            inputs.policy_logp(bon_sample)[:, 0],
+            bon_logp[:, 0],
             n=inputs.hp["n"],
             beta=inputs.hp["beta"],
         )
@@ -354,12 +369,13 @@ def _bond_loss(target: str) -> LossFn:
 def _j_bond_loss(inputs: LossInputs) -> tuple[jax.Array, dict]:
     anchor = first(inputs.anchor, 2)
     bo2 = best_of(anchor, 2, inputs.key)
+    policy_logp, bo2_logp = policy_logps(inputs, inputs.policy, bo2)
     return losses.j_bond(
-        inputs.policy_logp(inputs.policy),
+        policy_logp,
         inputs.policy.anchor_logp,
         inputs.policy.rewards,
         anchor.rewards,
-        inputs.policy_logp(bo2)[:, 0],
+        bo2_logp[:, 0],
         beta=inputs.hp["beta"],
         gamma=inputs.hp["gamma"],
     )

@@ -231,7 +231,8 @@ def test_fsdp_step_splits_activations_over_the_batch_and_equals_one_device(cache
     fsdp = runs[8]
     inputs = {n: (run.state, run.batch(0), run.fixed, run.traced) for n, run in runs.items()}
     hlo = fsdp.step.lower(*inputs[8]).compile().as_text()
-    rows = fsdp.config.batch_size * fsdp.setup.plan.policy  # the loss's log-prob pass over the policy's samples
+    # the loss's one differentiated log-prob pass: the policy's samples and the Best-of-N sample, joined
+    rows = fsdp.config.batch_size * (fsdp.setup.plan.policy + 1)
     per_device = _leading_dims(hlo, fsdp.config.model.d_ff)
     assert per_device and max(per_device) == rows // 8, per_device
     cache = fsdp.traced.reference_samples.tokens
