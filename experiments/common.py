@@ -62,6 +62,12 @@ def quick_steps(quick: bool) -> dict[str, int]:
     return {"steps": QUICK_STEPS} if quick else {}
 
 
+def seeds(quick: bool) -> tuple[int, ...]:
+    """The seeds an experiment trains each configuration with: 0, 1 and 2 in full mode (its numbers
+    are reported as mean ± standard error over them), 0 in quick mode."""
+    return (0,) if quick else (0, 1, 2)
+
+
 def seed_label(base: str, seed: int) -> str:
     """The label of the run of configuration `base` with `seed`; seed 0 keeps the bare label."""
     return base if seed == 0 else f"{base}_seed{seed}"

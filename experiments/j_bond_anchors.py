@@ -38,7 +38,6 @@ from experiments.iterative_bond import curves, reference_tables
 from experiments.j_bond_vs_reinforce import run_summary
 
 NAME = "j_bond_anchors"
-SEEDS_FULL, SEEDS_QUICK = (0, 1, 2), (0,)
 GAMMA_ETA = 0.05  # the η of the γ sweep (configs/j_bond.py's default)
 
 
@@ -78,10 +77,6 @@ def hard_label(eta: float) -> str:
     return f"hard_K{matched_period(eta)}_gamma0"
 
 
-def seeds(quick: bool) -> tuple[int, ...]:
-    return SEEDS_QUICK if quick else SEEDS_FULL
-
-
 def configurations(b: Budget) -> dict[str, dict[str, Any]]:
     """label → its anchor and γ overrides: the EMA runs (η sweep at γ = 0, γ sweep at η = 0.05), then
     the hard anchors."""
@@ -102,7 +97,7 @@ def run_configs(quick: bool) -> dict[str, ml_collections.ConfigDict]:
     """label → config: every configuration for every seed of the mode."""
     b = budget(quick)
     configs = {}
-    for seed in seeds(quick):
+    for seed in common.seeds(quick):
         shared = common.run_overrides(b.steps, b.eval_every, checkpoint_every=b.steps if quick else 50, seed=seed)
         for label, overrides in configurations(b).items():
             configs[common.seed_label(label, seed)] = common.config("j_bond.py", quick, **shared, **overrides)
@@ -131,15 +126,15 @@ def run(out: Path, quick: bool) -> dict:
     front = None if quick else kl_regularized_front(*reference_tables(next(iter(configs.values()))), FRONT_BETAS)
     summaries = {label: run_summary(r, front) for label, r in runs.items()}
     results: dict[str, Any] = {
-        "seeds": list(seeds(quick)),
+        "seeds": list(common.seeds(quick)),
         "budget": dataclasses.asdict(b),
         "matching_rule": "hard period K = round(1/eta)",
         "eta_pairs": {f"{eta:g}": {"ema": ema_label(eta, 0.0), "hard": hard_label(eta)} for eta in b.hard_etas},
         "gamma_runs": {f"{g:g}": ema_label(GAMMA_ETA, g) for g in b.gammas},
         "runs": runs,
         "summary": summaries,
-        "across_seeds": common.across_seeds(summaries, base_labels(b), seeds(quick)),
-        "ema_minus_hard": paired_differences(summaries, b, seeds(quick)),
+        "across_seeds": common.across_seeds(summaries, base_labels(b), common.seeds(quick)),
+        "ema_minus_hard": paired_differences(summaries, b, common.seeds(quick)),
         "front": front,
     }
     plot(results, b, out)

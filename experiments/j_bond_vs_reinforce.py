@@ -39,7 +39,6 @@ from experiments import common
 from experiments.iterative_bond import curves, reference_tables
 
 NAME = "j_bond_vs_reinforce"
-SEEDS_FULL, SEEDS_QUICK = (0, 1, 2), (0,)
 KL_COEFS = (0.001, 0.01, 0.1, 1.0)
 
 
@@ -60,10 +59,6 @@ def budget(quick: bool) -> Budget:
     return QUICK if quick else FULL
 
 
-def seeds(quick: bool) -> tuple[int, ...]:
-    return SEEDS_QUICK if quick else SEEDS_FULL
-
-
 def base_labels() -> tuple[str, ...]:
     """One label per compared configuration: each REINFORCE β_RL, then J-BOND."""
     return (*(f"reinforce_kl{coef:g}" for coef in KL_COEFS), "j_bond")
@@ -73,7 +68,7 @@ def run_configs(quick: bool) -> dict[str, ml_collections.ConfigDict]:
     """label → config: REINFORCE for each β_RL and seed (one population), J-BOND for each seed (another)."""
     b = budget(quick)
     configs = {}
-    for seed in seeds(quick):
+    for seed in common.seeds(quick):
         shared = common.run_overrides(b.steps, b.eval_every, checkpoint_every=b.steps if quick else 50, seed=seed)
         for coef in KL_COEFS:
             configs[common.seed_label(f"reinforce_kl{coef:g}", seed)] = common.config(
@@ -143,16 +138,15 @@ def run(out: Path, quick: bool) -> dict:
         return domination_summary(runs, [j_bond], others) | {
             f"j_bond_vs_{label}": domination_summary(runs, [j_bond], [common.seed_label(label, seed)]) for label in reinforce}
 
-    per_seed = {str(s): domination(s) for s in seeds(quick)}
+    per_seed = {str(s): domination(s) for s in common.seeds(quick)}
     results: dict[str, Any] = {
-        "seeds": list(seeds(quick)),
+        "seeds": list(common.seeds(quick)),
         "budget": dataclasses.asdict(b),
         "kl_coefs": list(KL_COEFS),
         "samples_per_prompt": {"reinforce": configs[reinforce[0]].algo.num_samples, "j_bond": "1 policy + 2 anchor"},
         "runs": runs,
         "summary": summaries,
-        "across_seeds": common.across_seeds(summaries, base_labels(), seeds(quick)),
-        "domination": per_seed[str(seeds(quick)[0])],
+        "across_seeds": common.across_seeds(summaries, base_labels(), common.seeds(quick)),
         "domination_per_seed": per_seed,
         "front": front,
     }

@@ -23,7 +23,6 @@ NAME = "jeffreys"
 CONFIG = "bond.py"
 N = 8
 BETAS = (0.0, 0.5, 1.0)
-SEEDS_FULL, SEEDS_QUICK = (0, 1, 2), (0,)
 FORWARD, BACKWARD = f"eval/kl_bon{N}_policy", f"eval/kl_policy_bon{N}"
 METRICS = {
     "forward_kl": FORWARD,  # KL(π_BoN‖π)
@@ -40,13 +39,9 @@ def eval_every(quick: bool) -> int:
     return common.QUICK_STEPS if quick else 20
 
 
-def labels(quick: bool) -> dict[str, list[str]]:
-    """β's label → the labels of its runs, one per seed of the mode."""
-    return {f"beta{beta:g}": [common.seed_label(f"beta{beta:g}", s) for s in seeds(quick)] for beta in BETAS}
-
-
-def seeds(quick: bool) -> tuple[int, ...]:
-    return SEEDS_QUICK if quick else SEEDS_FULL
+def base_labels() -> list[str]:
+    """One label per β; its runs are `common.seed_label(label, seed)`."""
+    return [f"beta{beta:g}" for beta in BETAS]
 
 
 def configs(quick: bool) -> dict:
@@ -55,7 +50,7 @@ def configs(quick: bool) -> dict:
         common.seed_label(f"beta{beta:g}", seed): common.config(
             CONFIG, quick, **{"algo.n": float(N), "algo.beta": beta, "eval.bon_ns": (N,), "seed": seed,
                               "eval.every": eval_every(quick), **common.quick_steps(quick)})
-        for seed in seeds(quick)
+        for seed in common.seeds(quick)
         for beta in BETAS
     }
 
@@ -81,8 +76,8 @@ def run(out: Path, quick: bool) -> dict:
         "eval_every": eval_every(quick),
         "seeds": sorted({int(c.seed) for c in cs.values()}),
         "runs": runs,
-        "across_seeds": common.across_seeds({label: r["final"] for label, r in runs.items()}, list(labels(quick)),
-                                            seeds(quick)),
+        "across_seeds": common.across_seeds({label: r["final"] for label, r in runs.items()}, base_labels(),
+                                            common.seeds(quick)),
     }
     plot(record, out)
     return record
@@ -115,7 +110,7 @@ def check(record: dict) -> None:
     expected_points = record["steps"] // record["eval_every"] + 1
     quick = record["mode"] == "quick"
     assert set(record["runs"]) == set(configs(quick)), f"runs are {sorted(record['runs'])}"
-    assert set(record["across_seeds"]) == set(labels(quick)), "a β's summary over seeds is missing"
+    assert set(record["across_seeds"]) == set(base_labels()), "a β's summary over seeds is missing"
     for label, r in record["runs"].items():
         for key in METRICS:
             values = np.asarray(r[key], float)
