@@ -18,13 +18,16 @@ bandit: every outer step t fits softmax logits θ to one step from π_t by Adam 
 batches y ~ π_t (groups of S samples), and we measure TV(π_t^loss, π_t^exact) to the exact
 iterates and the one-step fitting error TV(π_{t+1}^loss, wind_step(π_t^loss)).
 
-(b) Language task. WIND (square, sppo, kl) against J-BOND and SPPO through the runner on the toy
-language with exact evaluation: win rate against π_ref and reward, against the number of samples
-drawn (the algorithm's sampling plan, bond/algorithms.py, times the batch size) and against
-wall-clock (steps × the measured seconds per train step, compile excluded: the step is compiled
-ahead of time with `jit(...).lower(...).compile()` and only the calls of the compiled step are timed,
-the algorithms' steps interleaved so that load changes hit all alike), and the win rate against
-KL(π‖π_ref) (each algorithm's own regularization sets where it stops).
+(b) Language task. WIND (square, sppo, kl) against J-BOND and iterative SPPO through the runner, as
+published (WIND and SPPO hold π_t fixed for an iteration of hard-anchor steps), on the toy language
+with exact evaluation, each with the seeds of `common.seeds` (one population per algorithm): win
+rate against π_ref and reward, against the number of samples drawn (the algorithm's sampling plan,
+bond/algorithms.py, times the batch size) and against wall-clock (steps × the measured seconds per
+train step, compile excluded: the step is compiled ahead of time with `jit(...).lower(...).compile()`
+and only the calls of the compiled step are timed, the algorithms' steps interleaved so that load
+changes hit all alike), and against KL(π‖π_ref). At matched KL (the paper's comparison): within the
+lowest KL every run reaches, each algorithm's win rate there, and the samples and seconds every
+algorithm needs to reach it without leaving that KL budget (`within_kl_budget`).
 
     python -m experiments.wind [--quick] [--out DIR]
 """
@@ -245,10 +248,13 @@ METRICS = ("eval/win_rate_vs_ref", "eval/reward", "eval/kl_policy_ref")
 
 
 def language_configs(quick: bool) -> dict[str, ml_collections.ConfigDict]:
-    """label → config of every language run; the full budget evaluates every 25 of 300 steps."""
+    """label → config of every language run, each algorithm with every seed of `common.seeds` (the
+    seeds of one algorithm train as one population); the full budget evaluates every 25 of 300 steps."""
     labels = QUICK_LABELS if quick else tuple(LANGUAGE_SPECS)
     overrides = {"steps": 10, "eval.every": 10, "checkpoint.every": 10} if quick else {"eval.every": 25}
-    return {label: common.config(LANGUAGE_SPECS[label], quick, **overrides) for label in labels}
+    return {common.seed_label(label, seed): common.config(LANGUAGE_SPECS[label], quick, **overrides, seed=seed,
+                                                          num_devices=1)
+            for label in labels for seed in common.seeds(quick)}
 
 
 def samples_per_step(config: ml_collections.ConfigDict) -> int:
@@ -325,39 +331,116 @@ def crossing_value(x: ArrayLike, y: ArrayLike, x0: float) -> float:
     return float(y[i - 1] + frac * (y[i] - y[i - 1]))
 
 
-def language_results(histories: dict[str, list[dict]], configs: dict[str, ml_collections.ConfigDict],
-                     timings: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """Curves against steps, samples and seconds; the samples and seconds each run needs to reach
-    the win rate every run reaches (the lowest final win rate among them)."""
-    runs: dict[str, Any] = {}
-    for label, history in histories.items():
-        steps, _ = common.series(history, METRICS[0])
-        per_step = samples_per_step(configs[label])
-        runs[label] = {
-            "steps": steps.tolist(),
-            "samples_per_step": per_step,
-            "samples": (steps * per_step).tolist(),
-            "seconds_per_step": timings[label]["step_s"],
-            "timed_step_seconds": timings[label]["step_s_all"],
-            "compile_s": timings[label]["compile_s"],
-            "seconds": (steps * timings[label]["step_s"]).tolist(),
-            **{key.split("/")[1]: common.series(history, key)[1].tolist() for key in METRICS},
-        }
+def truncated_at(x: ArrayLike, limit: float, *series: ArrayLike) -> list[np.ndarray]:
+    """Each of `series` (curves over the same evaluations as x) up to where x first reaches `limit`,
+    ending at that point (linear interpolation between the two evaluations around it); whole when x
+    never reaches it."""
+    x = np.asarray(x, np.float64)
+    series = [np.asarray(y, np.float64) for y in series]
+    above = np.flatnonzero(x >= limit)
+    if above.size == 0:
+        return series
+    i = int(above[0])
+    if i == 0:
+        return [y[:1] for y in series]
+    frac = (limit - x[i - 1]) / (x[i] - x[i - 1])
+    return [np.append(y[:i], y[i - 1] + frac * (y[i] - y[i - 1])) for y in series]
+
+
+def run_curves(history: list[dict], config: ml_collections.ConfigDict, timing: dict[str, float]) -> dict[str, Any]:
+    """One run's evaluations against steps, samples drawn and seconds (steps × the measured step time)."""
+    steps, _ = common.series(history, METRICS[0])
+    per_step = samples_per_step(config)
+    return {
+        "steps": steps.tolist(),
+        "samples_per_step": per_step,
+        "samples": (steps * per_step).tolist(),
+        "seconds_per_step": timing["step_s"],
+        "seconds": (steps * timing["step_s"]).tolist(),
+        **{key.split("/")[1]: common.series(history, key)[1].tolist() for key in METRICS},
+    }
+
+
+def common_targets(runs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The points every run reaches, so that all runs are compared at the same place:
+    - target_win_rate: the lowest final win rate;
+    - equal_samples / equal_seconds: the fewest samples / seconds any run trained for;
+    - equal_kl: the lowest KL(π‖π_ref) any run ends at, and matched_kl_win_rate: the lowest win rate
+      any run has when its KL first reaches equal_kl, the common win rate at matched KL."""
     equal_kl = min(max(r["kl_policy_ref"]) for r in runs.values())
-    for r in runs.values():  # the win rate when KL(π‖π_ref) first reaches the KL every run reaches
-        r["win_rate_vs_ref_at_equal_kl"] = crossing_value(r["kl_policy_ref"], r["win_rate_vs_ref"], equal_kl)
-        r["reward_at_equal_kl"] = crossing_value(r["kl_policy_ref"], r["reward"], equal_kl)
-    target = min(r["win_rate_vs_ref"][-1] for r in runs.values())
-    equal_samples = min(r["samples"][-1] for r in runs.values())
-    equal_seconds = min(r["seconds"][-1] for r in runs.values())
-    for r in runs.values():
-        r["samples_to_target"] = first_crossing(r["samples"], r["win_rate_vs_ref"], target)
-        r["seconds_to_target"] = first_crossing(r["seconds"], r["win_rate_vs_ref"], target)
-        for name, x, x0 in (("samples", r["samples"], equal_samples), ("seconds", r["seconds"], equal_seconds)):
-            for metric in ("win_rate_vs_ref", "reward", "kl_policy_ref"):
-                r[f"{metric}_at_equal_{name}"] = float(np.interp(x0, x, r[metric]))
-    return {"target_win_rate": target, "equal_samples": equal_samples, "equal_seconds": equal_seconds,
-            "equal_kl": equal_kl, "runs": runs}
+    return {
+        "target_win_rate": min(r["win_rate_vs_ref"][-1] for r in runs.values()),
+        "equal_samples": min(r["samples"][-1] for r in runs.values()),
+        "equal_seconds": min(r["seconds"][-1] for r in runs.values()),
+        "equal_kl": equal_kl,
+        "matched_kl_win_rate": min(crossing_value(r["kl_policy_ref"], r["win_rate_vs_ref"], equal_kl)
+                                   for r in runs.values()),
+    }
+
+
+def run_summary(r: dict[str, Any], targets: dict[str, float]) -> dict[str, float]:
+    """One run's numbers at the common targets. The matched-KL cost is the samples and seconds to first
+    reach matched_kl_win_rate on the part of the run where KL(π‖π_ref) is still below equal_kl: the
+    cost of the win rate every run reaches within the same KL budget (it exists for every run, because
+    its win rate where its KL reaches equal_kl is at least that target)."""
+    summary = {
+        "final_win_rate": r["win_rate_vs_ref"][-1], "final_reward": r["reward"][-1],
+        "final_kl": r["kl_policy_ref"][-1],
+        "samples_to_target": first_crossing(r["samples"], r["win_rate_vs_ref"], targets["target_win_rate"]),
+        "seconds_to_target": first_crossing(r["seconds"], r["win_rate_vs_ref"], targets["target_win_rate"]),
+        "win_rate_at_equal_kl": crossing_value(r["kl_policy_ref"], r["win_rate_vs_ref"], targets["equal_kl"]),
+        "reward_at_equal_kl": crossing_value(r["kl_policy_ref"], r["reward"], targets["equal_kl"]),
+    }
+    for name, x0 in (("samples", targets["equal_samples"]), ("seconds", targets["equal_seconds"])):
+        for metric in ("win_rate_vs_ref", "reward", "kl_policy_ref"):
+            summary[f"{metric}_at_equal_{name}"] = float(np.interp(x0, r[name], r[metric]))
+    win, samples, seconds = truncated_at(r["kl_policy_ref"], targets["equal_kl"], r["win_rate_vs_ref"],
+                                         r["samples"], r["seconds"])
+    summary["samples_to_matched_kl_win_rate"] = first_crossing(samples, win, targets["matched_kl_win_rate"])
+    summary["seconds_to_matched_kl_win_rate"] = first_crossing(seconds, win, targets["matched_kl_win_rate"])
+    return summary
+
+
+def language_results(histories: dict[str, list[dict]], configs: dict[str, ml_collections.ConfigDict],
+                     timings: dict[str, dict[str, float]], seeds: tuple[int, ...]) -> dict[str, Any]:
+    """Each run's curves and its numbers at targets common to all runs of all seeds (`common_targets`),
+    and those numbers per algorithm as mean ± standard error over the seeds. Seconds use the step time
+    measured for the algorithm (the seeds share its program)."""
+    bases = [label for label in LANGUAGE_SPECS if label in timings]
+    runs = {common.seed_label(base, seed): run_curves(histories[common.seed_label(base, seed)],
+                                                       configs[common.seed_label(base, seed)], timings[base])
+            for base in bases for seed in seeds}
+    targets = common_targets(runs)
+    summaries = {label: run_summary(r, targets) for label, r in runs.items()}
+    return {**targets, "seeds": list(seeds), "timings": timings, "runs": runs, "summaries": summaries,
+            "across_seeds": common.across_seeds(summaries, bases, seeds),
+            "within_kl_budget": within_kl_budget(runs, summaries, bases, seeds, targets["equal_kl"])}
+
+
+def within_kl_budget(runs: dict[str, dict], summaries: dict[str, dict], bases: list[str], seeds: tuple[int, ...],
+                     kl_budget: float) -> dict[str, Any]:
+    """The cost of each algorithm's win rate at matched KL, for every algorithm: for each base B, the
+    level w_B = B's lowest win rate over seeds where its KL(π‖π_ref) reaches `kl_budget`; then for
+    every algorithm, how many of its seeds reach w_B before their KL exceeds the budget, and the
+    samples and seconds they take (mean ± standard error when every seed reaches it)."""
+    out = {}
+    for level_of in bases:
+        level = min(summaries[common.seed_label(level_of, s)]["win_rate_at_equal_kl"] for s in seeds)
+        costs = {}
+        for base in bases:
+            per_seed = {"samples": [], "seconds": []}
+            for seed in seeds:
+                r = runs[common.seed_label(base, seed)]
+                win, samples, seconds = truncated_at(r["kl_policy_ref"], kl_budget, r["win_rate_vs_ref"],
+                                                     r["samples"], r["seconds"])
+                per_seed["samples"].append(first_crossing(samples, win, level))
+                per_seed["seconds"].append(first_crossing(seconds, win, level))
+            reached = sum(x is not None for x in per_seed["samples"])
+            costs[base] = {"seeds_reaching": reached, **{
+                name: common.mean_and_standard_error(values) if reached == len(seeds) else {"per_seed": values}
+                for name, values in per_seed.items()}}
+        out[level_of] = {"win_rate": level, "cost": costs}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,9 +475,11 @@ def run(out: Path, quick: bool) -> dict:
     configs = language_configs(quick)
     histories = common.train_runs(configs, out / "runs" / NAME)
     clock["language_runs"] = time.perf_counter()
-    timings = seconds_per_step(configs, b["timed_steps"])
+    seeds = common.seeds(quick)
+    timings = seconds_per_step({label: c for label, c in configs.items() if label in LANGUAGE_SPECS},
+                               b["timed_steps"])  # the first seed's config of each algorithm
     clock["step_timing"] = time.perf_counter()
-    language = language_results(histories, configs, timings)
+    language = language_results(histories, configs, timings, seeds)
 
     plot(out, rates, track, language)
     names = list(clock)
@@ -457,11 +542,16 @@ def plot(out: Path, rates: dict, track: dict, language: dict) -> None:
     panels = [("samples", "win_rate_vs_ref", "samples drawn"), ("seconds", "win_rate_vs_ref", "train seconds (compile excluded)"),
               ("samples", "reward", "samples drawn"), ("kl_policy_ref", "win_rate_vs_ref", "exact KL(π‖π_ref)")]
     for ax, (x_key, y_key, x_label) in zip(axes[1], panels):
-        for label, r in language["runs"].items():
-            ax.plot(r[x_key], r[y_key], marker=".", label=label, ls="-" if label.startswith("wind") else "--")
+        for base in language["across_seeds"]:  # the seeds evaluate at the same steps: their mean curve
+            seed_runs = [language["runs"][common.seed_label(base, s)] for s in language["seeds"]]
+            x, y = (np.mean([r[key] for r in seed_runs], axis=0) for key in (x_key, y_key))
+            ax.plot(x, y, marker=".", label=base, ls="-" if base.startswith("wind") else "--")
         if y_key == "win_rate_vs_ref" and x_key != "kl_policy_ref":
             ax.axhline(language["target_win_rate"], color="gray", lw=0.8, ls=":")
-        ax.set(title=f"(b) toy language: exact {y_key} vs {x_key.split('_')[0]}", xlabel=x_label, ylabel=y_key)
+        if x_key == "kl_policy_ref":
+            ax.plot(language["equal_kl"], language["matched_kl_win_rate"], "k*", ms=10, label="common win rate at matched KL")
+        ax.set(title=f"(b) toy language: exact {y_key} vs {x_key.split('_')[0]}\n(mean over seeds {language['seeds']})",
+               xlabel=x_label, ylabel=y_key)
         ax.legend(fontsize=7)
     common.save_figure(fig, out, NAME)
 
@@ -491,6 +581,18 @@ def check(record: dict) -> None:
         assert all(0 <= w <= 1 for w in r["win_rate_vs_ref"]), f"{label}: win rate out of [0, 1]"
         assert all(k >= -1e-4 for k in r["kl_policy_ref"]), f"{label}: negative KL"
         assert np.all(np.isfinite(r["reward"])), f"{label}: non-finite reward"
+    targets = ("target_win_rate", "matched_kl_win_rate")
+    assert all(0 <= language[t] <= 1 for t in targets), f"common targets out of [0, 1]: {[language[t] for t in targets]}"
+    for label, summary in language["summaries"].items():  # every run reaches the common targets, by construction
+        for key in ("samples_to_target", "seconds_to_target", "samples_to_matched_kl_win_rate"):
+            assert summary[key] is not None and summary[key] >= 0, f"{label}: {key}={summary[key]}"
+        assert summary["win_rate_at_equal_kl"] >= language["matched_kl_win_rate"] - 1e-9, label
+    for level_of, row in language["within_kl_budget"].items():  # an algorithm reaches its own level
+        assert row["cost"][level_of]["seeds_reaching"] == len(language["seeds"]), f"{level_of} misses its own level"
+    for base, numbers in language["across_seeds"].items():
+        for key, value in numbers.items():
+            assert len(value["per_seed"]) == len(language["seeds"]), f"{base}: {key} lacks seeds"
+            assert abs(value["mean"] - np.mean(value["per_seed"])) < 1e-9, f"{base}: {key} mean"
 
 
 if __name__ == "__main__":
