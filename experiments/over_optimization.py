@@ -35,7 +35,6 @@ from bond.tasks import get_task, synthetic_language
 from experiments import common
 
 NAME = "over_optimization"
-SEED = 0
 
 BOND_NS = (2, 8, 32)
 REINFORCE_KL_COEFS = (0.001, 0.01, 0.1)
@@ -65,17 +64,28 @@ def mode(quick: bool) -> str:
     return "quick" if quick else "full"
 
 
-def run_configs(quick: bool) -> dict[str, object]:
-    """label → config: BOND at each N and REINFORCE at each β_RL (one population); quick: BOND N=2 only."""
-    m = mode(quick)
-    shared = {**STAGES[m], **BUDGET[m], "seed": SEED}
+def base_labels(quick: bool) -> list[str]:
+    """The compared configurations: BOND at each N, REINFORCE at each β_RL; quick: BOND N=2 only."""
     ns = BOND_NS[:1] if quick else BOND_NS
     coefs = () if quick else REINFORCE_KL_COEFS
+    return [f"bond_n{n}" for n in ns] + [f"reinforce_kl{coef:g}" for coef in coefs]
+
+
+def run_configs(quick: bool) -> dict[str, object]:
+    """label → config: every base configuration with every seed of `common.seeds` (the seeds change
+    the online runs' sampling and evaluation prompts; the reference and proxy stages keep their own
+    seeds, so every run optimises the same proxy)."""
+    m = mode(quick)
     configs = {}
-    for n in ns:
-        configs[f"bond_n{n}"] = common.config("bond.py:synthetic", quick, **shared, **{"algo.n": float(n), "algo.num_ref_samples": 8})
-    for coef in coefs:
-        configs[f"reinforce_kl{coef:g}"] = common.config("reinforce.py:synthetic", quick, **shared, **{"algo.kl_coef": coef})
+    for seed in common.seeds(quick):
+        shared = {**STAGES[m], **BUDGET[m], "seed": seed}
+        for base in base_labels(quick):
+            if base.startswith("bond_n"):
+                overrides = {"algo.n": float(base[len("bond_n"):]), "algo.num_ref_samples": 8}
+                configs[common.seed_label(base, seed)] = common.config("bond.py:synthetic", quick, **shared, **overrides)
+            else:
+                overrides = {"algo.kl_coef": float(base[len("reinforce_kl"):])}
+                configs[common.seed_label(base, seed)] = common.config("reinforce.py:synthetic", quick, **shared, **overrides)
     return configs
 
 
@@ -141,6 +151,19 @@ def label_of(name: str) -> str:
     return f"REINFORCE β_RL={name[len('reinforce_kl'):]}"
 
 
+def seed_mean_curves(curves: dict[str, dict], bases: list[str], seeds: list[int]) -> dict[str, dict]:
+    """base label → its curves averaged over the seeds (they evaluate at the same steps)."""
+    return {base: {key: np.mean([curves[common.seed_label(base, s)][key] for s in seeds], axis=0).tolist()
+                   for key in curves[common.seed_label(base, seeds[0])]} for base in bases}
+
+
+def run_summary(c: dict[str, list[float]]) -> dict[str, float]:
+    """One run's final KL, proxy and gold reward, and its peak gold reward with the KL where it peaked."""
+    peak = int(np.argmax(c["reward"]))
+    return {"final_kl": c["kl_ref"][-1], "final_proxy": c["proxy_reward"][-1], "final_gold": c["reward"][-1],
+            "peak_gold": c["reward"][peak], "peak_gold_kl": c["kl_ref"][peak]}
+
+
 def plot(out: Path, curves: dict[str, dict], ref_bon: dict) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     colors = {name: plt.cm.viridis(0.15 + 0.35 * i) for i, name in enumerate(n for n in curves if n.startswith("bond"))}
@@ -167,11 +190,12 @@ def run(out: Path, quick: bool) -> dict:
     configs = run_configs(quick)
     histories = common.train_runs(configs, out / "runs" / NAME)
     curves = {name: curve(h) for name, h in histories.items()}
-    ref_bon = reference_best_of_n(next(iter(configs.values())), BON_POOL[mode(quick)])
-    plot(out, curves, ref_bon)
+    seeds, bases = list(common.seeds(quick)), base_labels(quick)
+    ref_bon = reference_best_of_n(configs[bases[0]], BON_POOL[mode(quick)])  # the first seed's eval prompts
+    plot(out, seed_mean_curves(curves, bases, seeds), ref_bon)
     budget = BUDGET[mode(quick)]
     return {
-        "seed": SEED,
+        "seeds": seeds,
         "steps": budget["steps"],
         "batch_size": budget["batch_size"],
         "learning_rate": budget["learning_rate"],
@@ -179,9 +203,8 @@ def run(out: Path, quick: bool) -> dict:
         "stages": STAGES[mode(quick)],
         "runs": curves,
         "reference_best_of_n": ref_bon,
-        "final": {name: {k: c[k][-1] for k in ("kl_ref", "proxy_reward", "reward")} for name, c in curves.items()},
-        "peak_gold": {name: {"reward": max(c["reward"]), "at_kl": c["kl_ref"][int(np.argmax(c["reward"]))]}
-                      for name, c in curves.items()},
+        "summaries": {name: run_summary(c) for name, c in curves.items()},
+        "across_seeds": common.across_seeds({name: run_summary(c) for name, c in curves.items()}, bases, seeds),
     }
 
 
@@ -202,6 +225,10 @@ def check(record: dict) -> None:
     proxy = bon_curve["proxy_reward"]
     assert all(b >= a - 1e-6 for a, b in zip(proxy, proxy[1:])), f"BoN proxy reward decreases in N: {proxy}"
     assert np.all(np.isfinite(bon_curve["reward"])), "non-finite gold reward on the BoN curve"
+    for base, numbers in record["across_seeds"].items():
+        for key, value in numbers.items():
+            assert len(value["per_seed"]) == len(record["seeds"]), f"{base}: {key} lacks seeds"
+            assert abs(value["mean"] - np.mean(value["per_seed"])) < 1e-9, f"{base}: {key} mean"
 
 
 if __name__ == "__main__":
