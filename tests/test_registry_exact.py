@@ -115,6 +115,25 @@ def test_registry_wind_fits_the_exact_step_from_the_iteration_anchor(eta):
         assert np.max(np.abs(expected_gradient("wind_self_play", algo, step, w))) > 1e-3
 
 
+@pytest.mark.parametrize("eta, beta, num_samples", [(0.5, 0.2, 2), (2.0, 0.2, 2), (1.0, 0.1, 3)])
+def test_registry_wind_self_play_is_the_policy_gradient_of_the_regularized_win_rate(eta, beta, num_samples):
+    """`wind_self_play` (π_t = stop_gradient(π_θ), samples of π_θ): its expected gradient is exactly
+    −2η/(1 + ηβ) · ∇θ[E_π_θ W_π_t − β·KL(π_θ‖π_ref)] at π_θ = π_t, the gradient of the regularized win
+    rate; η only rescales it, which Adam with clipping undoes (why it is not WIND as published)."""
+    with jax.enable_x64(True):
+        w = world(num_prompts=2)
+        theta = jnp.asarray(np.random.default_rng(1).normal(size=(2, K)))
+        algo = algo_config(num_samples=num_samples, wind_eta=eta, wind_beta=beta, wind_variant="square")
+        win_rate = jnp.einsum("bij,bj->bi", hard_preferences(w.rewards), jax.nn.softmax(theta, axis=-1))
+
+        def regularized_win_rate(t):
+            log_pi = jax.nn.log_softmax(t, axis=-1)
+            return jnp.sum(jnp.exp(log_pi) * (win_rate - beta * (log_pi - w.ref)))
+
+        expected = -2 * eta / (1 + eta * beta) * jax.grad(regularized_win_rate)(theta)
+        np.testing.assert_allclose(expected_gradient("wind_self_play", algo, theta, w), expected, atol=1e-12)
+
+
 def test_registry_sppo_regresses_onto_the_win_rate_against_the_iterate():
     """Iterative SPPO (S = 3 samples of π_t = the anchor): the expected gradient is that of
     (1/B)·Σ_x E_{π_t}[(log π_θ − log π_t − η(W_{π_t} − ½))²], with W_{π_t}(y) = Σ_y' π_t(y')·P(y ≻ y')."""
