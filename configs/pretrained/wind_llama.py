@@ -90,6 +90,9 @@ def get_config(arg: str | None = None):
     c.checkpoint.update(every=100, keep=3)
     c.log_every = 10
     c.mesh_shape = (1, -1, 1)
+    # Each block rematerialized, log-probs over vocabulary chunks (a quarter of Llama-3's 128,256):
+    # without them the Llama-3-8B step needs 127 GiB of temporaries per v5p chip (benchmarks/README.md).
+    c.memory.update(remat="nothing_saveable", logprob_vocab_chunk=32064)
     return apply_args(c, arg, variants={
         "tiny": tiny,
         "llama3_8b": lambda c: at_model_scale(c, "llama3_8b", batch_size=c.batch_size, judges=("preference_path",)),
