@@ -222,7 +222,7 @@ def loss_sequence_shapes(setup: Setup, drawn: Drawn, hp, key) -> list[tuple[int,
 
     def record(samples: Samples) -> jax.Array:
         shapes.append(tuple(samples.tokens.shape))
-        return samples.sampler_logp * 1.0
+        return jnp.zeros(samples.tokens.shape[:2], jnp.float32)
 
     jax.eval_shape(lambda: setup.algorithm.loss(LossInputs(record, *drawn, hp, setup.config.algo, key)))
     return shapes

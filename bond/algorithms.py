@@ -307,9 +307,12 @@ def policy_logps(inputs: LossInputs, *sets: Samples) -> list[jax.Array]:
     pass: [B, S_1], [B, S_2], ...
 
     The sets are joined along the samples axis, so each prompt is run once for all of them and the
-    backward pass makes one gradient contribution per weight instead of one per set.
+    backward pass makes one gradient contribution per weight instead of one per set. Only what a
+    log-prob pass reads is joined (tokens and masks): the sets' other fields may differ in which
+    are filled (a policy set has ref_logp, a Best-of-N pick of anchor samples anchor_logp).
     """
-    joined = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *sets)
+    join = lambda field: jnp.concatenate([getattr(s, field) for s in sets], axis=1)
+    joined = Samples(join("tokens"), join("attention_mask"), join("response_mask"), None, None, None, None)
     logp = inputs.policy_logp(joined)
     bounds = list(itertools.accumulate(s.tokens.shape[1] for s in sets))[:-1]
     return jnp.split(logp, bounds, axis=1)

@@ -397,3 +397,21 @@ def test_registry_sppo_hard_pins_each_log_ratio_and_pulls_equal_pairs_to_the_ref
 
         np.testing.assert_allclose(expected_gradient("sppo_hard", algo, theta, w), jax.grad(objective)(theta),
                                    atol=1e-12)
+
+
+def test_policy_logps_joins_sets_whose_fixed_logprobs_differ():
+    """J-BOND's policy sample carries ref_logp and its Best-of-2 anchor pick anchor_logp (with
+    non-plain sampling the sampler's log-probs are not filled either): `policy_logps` joins the two
+    sets for one pass all the same, and splits the pass back per set."""
+    def sample_set(first_token, ref_logp, anchor_logp):
+        tokens = jnp.full((2, 1, 3), first_token, jnp.int32)
+        ones = jnp.ones(tokens.shape, jnp.float32)
+        return Samples(tokens, ones, ones, jnp.zeros((2, 1)), None, ref_logp, anchor_logp)
+
+    policy = sample_set(1, jnp.zeros((2, 1)), None)
+    best = sample_set(2, None, jnp.zeros((2, 1)))
+    logp = lambda s: jnp.sum(s.tokens * s.response_mask, axis=-1)  # a stand-in pass: [B, S]
+    inputs = LossInputs(logp, policy, None, None, {}, algo_config(), jax.random.key(0))
+    out = algorithms.policy_logps(inputs, policy, best)
+    np.testing.assert_array_equal(out[0], 3.0 * np.ones((2, 1)))
+    np.testing.assert_array_equal(out[1], 6.0 * np.ones((2, 1)))
