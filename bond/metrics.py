@@ -174,8 +174,8 @@ class MetricWriter:
     def truncate_after(self, step: int) -> None:
         """Drops every line with a step greater than `step` (and an unterminated last line).
 
-        Call it when a run resumes from the checkpoint at `step`; a fresh run whose steps count
-        from 1 calls it with 0 to discard the lines of an earlier attempt that saved no checkpoint.
+        Call it when a run resumes from the checkpoint at `step`; a fresh run calls it with −1 to
+        discard every line of an earlier attempt that saved no checkpoint (it evaluates step 0 again).
         The file is replaced atomically. TensorBoard events of steps > `step` from earlier event
         files are hidden by the `purge_step` of the next event file.
         """

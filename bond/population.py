@@ -297,7 +297,7 @@ def run_population(
         state = broadcast_tree(sharding.process_local(context.state), size)
     state = sharding.place(state, shardings.state)
     for m in members:
-        m.writer.truncate_after(start)
+        m.writer.truncate_after(start if start else -1)  # a fresh start evaluates step 0 again
         m.last_saved = start or None
 
     # Each evaluated member lives where `train.run` puts a run's parameters, so evaluation runs

@@ -59,7 +59,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
     start, state, _ = checkpointer.restore_latest(abstract_like(state, context.shardings.state), log) or (0, state, None)
     if start:
         log(f"Resumed from the checkpoint at step {start} in {workdir / 'checkpoints'}")
-    writer.truncate_after(start)  # lines a killed run wrote after its last checkpoint
+    # Lines a killed run wrote after its last checkpoint (all of them when it saved none: step 0 is evaluated again).
+    writer.truncate_after(start if start else -1)
 
     evaluator = Evaluator(context.setup, context.local_reference, eval_key(c.seed))
     if jax.process_index() == 0:

@@ -98,12 +98,16 @@ def test_truncate_after_resume_gives_the_uninterrupted_file(tmp_path):
     assert (crashed / METRICS_FILENAME).read_bytes() == (uninterrupted / METRICS_FILENAME).read_bytes()
 
 
-def test_truncate_after_zero_empties_the_file_of_a_run_without_checkpoints(tmp_path):
+def test_truncate_after_minus_one_empties_the_file_of_a_run_without_checkpoints(tmp_path):
+    """A run killed before its first checkpoint wrote its step-0 evaluation; the rerun starts fresh
+    and evaluates step 0 again, so nothing of the first attempt may stay (no duplicate step 0)."""
     with MetricWriter(tmp_path, tensorboard=False) as writer:
+        writer.write(0, {"eval/reward": 0.5})
         writer.write(1, {"loss": 1.0})
-        writer.truncate_after(0)
+        writer.truncate_after(-1)
+        writer.write(0, {"eval/reward": 0.5})
         writer.write(1, {"loss": 2.0})
-    assert read_metrics(tmp_path / METRICS_FILENAME) == [{"step": 1, "loss": 2.0}]
+    assert read_metrics(tmp_path / METRICS_FILENAME) == [{"step": 0, "eval/reward": 0.5}, {"step": 1, "loss": 2.0}]
 
 
 def test_read_metrics_names_a_corrupt_line_and_a_missing_file(tmp_path):
