@@ -124,6 +124,11 @@ def base_config() -> ml_collections.ConfigDict:
             attention="einsum",
         )
     )
+    # LoRA (README "LoRA"): rank 0 trains every weight; rank r > 0 trains low-rank adapters on
+    # `targets` ('all' = every attention and MLP projection the model has, or a comma-separated list
+    # of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) and keeps the base frozen:
+    # the reference is the base itself. alpha: the adapters' output is scaled by alpha/rank (0: alpha = rank).
+    c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=0.0, targets="all"))
     c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 absorbs the remaining devices
     c.num_devices = 0  # devices the mesh spans (the first ones); 0 = all
     c.plots = True
@@ -185,15 +190,23 @@ def at_model_scale(c: ml_collections.ConfigDict, preset: str, batch_size: int,
     return c
 
 
+def lora(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """LoRA of rank 16 on every attention and MLP projection (alpha 32), the base frozen as the
+    reference; combines with the other variants (`configs/pretrained/j_bond_gemma.py:gemma_7b,lora`)."""
+    c.lora.update(rank=16, alpha=32.0, targets="all")
+    return c
+
+
 def apply_args(c: ml_collections.ConfigDict, arg: str | None, variants: dict | None = None) -> ml_collections.ConfigDict:
     """Applies a config file's argument: comma-separated variant names, `quick` among them.
 
     `configs/wind.py:kl,quick` → the 'kl' variant of configs/wind.py with the quick budget;
-    every config also accepts `synthetic` (the larger task with a proxy reward model).
+    every config also accepts `synthetic` (the larger task with a proxy reward model) and `lora`.
     """
     variants = dict(variants or {})
     variants["quick"] = quick
     variants["synthetic"] = synthetic
+    variants["lora"] = lora
     for name in [a for a in (arg or "").split(",") if a]:
         if name not in variants:
             raise ValueError(f"unknown config argument {name!r}; this config accepts {sorted(variants)}.")

@@ -32,8 +32,10 @@ from bond import algorithms, sharding, stages
 from bond.algorithms import Algorithm, Samples, SamplingPlan
 from bond.checkpoint import abstract_like
 from bond.models import PairJudge, RewardFn, TransformerConfig, reward_model_fn
+from bond.models.transformer import LORA_TARGETS
 from bond.step import (
-    Batch, Fixed, StepShardings, Traced, TrainState, compile_train_step, draw_samples, init_state, state_shardings,
+    Batch, Fixed, StepShardings, Traced, TrainState, compile_train_step, draw_samples, init_state, reference_shardings,
+    state_shardings,
     traced_inputs,
 )
 from bond.tasks import Task, get_task, synthetic_language
@@ -100,7 +102,8 @@ def make_setup(config: ml_collections.ConfigDict, log: Callable[[str], None] = p
             f"config.min_new_tokens={config.min_new_tokens} exceeds the task's response length "
             f"{setup.task.max_response_length}; lower it (0 = off)."
         )
-    return dataclasses.replace(setup, model=with_memory_options(setup.model, config.memory)), ref_params
+    model = with_lora(with_memory_options(setup.model, config.memory), config.lora)
+    return dataclasses.replace(setup, model=model), ref_params
 
 
 def with_memory_options(model: TransformerConfig, memory: ml_collections.ConfigDict) -> TransformerConfig:
@@ -110,6 +113,26 @@ def with_memory_options(model: TransformerConfig, memory: ml_collections.ConfigD
     Applied once the reference and judges are built, so their cache keys are those of the plain model.
     """
     return dataclasses.replace(model, remat=memory.remat, attention=memory.attention)
+
+
+def lora_targets(model: TransformerConfig, targets: str) -> tuple[str, ...]:
+    """config.lora.targets as a tuple of LORA_TARGETS names: 'all' = every projection `model` has
+    (gate_proj only with a gated MLP), else the comma-separated names."""
+    if targets.strip() == "all":
+        return tuple(t for t in LORA_TARGETS if t != "gate_proj" or model.gated_mlp)
+    return tuple(t.strip() for t in targets.split(",") if t.strip())
+
+
+def with_lora(model: TransformerConfig, lora: ml_collections.ConfigDict) -> TransformerConfig:
+    """The policy's architecture with the run's adapters (config.lora; rank 0: none). Applied, like
+    the memory options, after the reference and judges are built: their parameters stay the base's,
+    and the base applied alone computes the plain model (bond/lora.py)."""
+    if not lora.rank:
+        return model
+    targets = lora_targets(model, lora.targets)
+    if "gate_proj" in targets and not model.gated_mlp:
+        raise ValueError("config.lora.targets names gate_proj, but this model's MLP has no gate; drop it (or use 'all').")
+    return dataclasses.replace(model, lora_rank=int(lora.rank), lora_alpha=float(lora.alpha), lora_targets=targets)
 
 
 def _pretrained_setup(config, algorithm: Algorithm, mesh, log, abstract: bool = False) -> tuple[Setup, Any]:
@@ -372,11 +395,12 @@ def assemble(setup: Setup, ref_params, *, split_batch: bool = True) -> RunContex
     abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(ref_params))
     state = jax.eval_shape(functools.partial(init_state, setup), ref_params) if abstract else init_state(setup, ref_params)
     state_sh = state_shardings(setup, state)
+    ref_sh = reference_shardings(setup, ref_params)
     rep = sharding.replicated(setup.mesh)
     shardings = StepShardings(
         state=state_sh,
         batch=Batch.shardings(setup.mesh, split=split_batch),
-        fixed=Fixed(state_sh.params, judge_shardings(setup)),
+        fixed=Fixed(ref_sh, judge_shardings(setup)),
         # The reference samples [N (padded), k, ...] split over the batch axes like the prompts (a
         # population splits their prompt axis itself, `bond.population.population_shardings`).
         traced=Traced(rep, rep, sharding.batch_sharding(setup.mesh) if split_batch else rep),
@@ -384,7 +408,7 @@ def assemble(setup: Setup, ref_params, *, split_batch: bool = True) -> RunContex
     place = (lambda tree, where: abstract_like(tree, sharding.broadcast_shardings(where, tree))) if abstract \
         else sharding.place
     state = place(state, state_sh)
-    ref_params = place(ref_params, state_sh.params)
+    ref_params = place(ref_params, ref_sh)
     prompt_source = _first_on_process_zero(lambda: train_prompt_source(setup), "bond.context:prompts")
     if len(prompt_source) == 0:
         raise ConfigError("the train prompt set is empty; point the config's prompt source at a non-empty split.")

@@ -44,13 +44,13 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from bond import sharding
+from bond import lora, sharding
 from bond.checkpoint import Checkpointer, abstract_like, install_sigterm_handler, restore_newest_common
 from bond.context import RunContext, Setup, build_context, eval_key
 from bond.evaluation import Evaluator
 from bond.metrics import MetricWriter, NonFiniteLossError, Progress
 from bond.plots import write_reference_front
-from bond.step import Batch, Fixed, StepShardings, Traced, compute_params, make_train_step
+from bond.step import Batch, Fixed, StepShardings, Traced, compute_params, make_train_step, model_params
 from bond.train import finish_run, is_checkpoint_step, is_eval_step, is_logging_step
 from bond.validation import validate
 
@@ -289,8 +289,12 @@ def run_population(
         members.append(_Member(config, workdir, MetricWriter.for_run(workdir, config), checkpointer, None))
 
     abstract = abstract_like(context.state, context.shardings.state)
-    start, restored, _ = restore_newest_common([m.checkpointer for m in members], abstract, log) or (0, None, None)
+    base = lora.base_id(context.fixed.reference) if lora.adapted(setup.model) else None
+    meta = None if base is None else {"lora_base": base}  # what a LoRA run's adapters adapt (bond/train.py)
+    start, restored, metas = restore_newest_common([m.checkpointer for m in members], abstract, log) or (0, None, None)
     if start:
+        for m, saved in zip(members, metas):
+            lora.check_same_base(saved, base, str(m.workdir / "checkpoints"))
         state = stack_trees(pad_members(restored, size))
         log(f"Resumed {len(members)} members from their checkpoints at step {start}")
     else:
@@ -329,7 +333,7 @@ def run_population(
                 metrics = at_reference[m.config.seed]
             else:
                 master = sharding.process_local(jax.device_put(member(state.params, i), params_sharding))
-                params = compute_params(setup, master)  # the policy as the step samples it
+                params = model_params(setup, compute_params(setup, master), ref_params)  # as the step samples it
                 metrics = evaluator(m.config)(params)
             m.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
 
@@ -343,7 +347,7 @@ def run_population(
 
     def save(step: int) -> None:
         for i, m in alive():
-            m.checkpointer.save(step, member(state, i))
+            m.checkpointer.save(step, member(state, i), meta)
             m.last_saved = step
 
     stop = install_sigterm_handler()

@@ -28,13 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-from bond import sharding
+from bond import lora, sharding
 from bond.models.transformer import (
     Transformer,
     TransformerConfig,
     as_transformer,
     init_cache,
-    param_logical_axes,
     positions_from_mask,
 )
 
@@ -227,7 +226,7 @@ def sample(
 def _sample_jit(config, params, prompts, prompt_mask, key, temperature, top_p, *, num_samples, max_new_tokens,
                 top_k, eos_id, min_new_tokens, decode_weights="auto") -> SampleOutput:
     module = Transformer(config)
-    params = sharding.gather_for_decoding(params, param_logical_axes(config), decode_weights)
+    params = sharding.gather_for_decoding(params, lora.logical_axes(config, params), decode_weights)
     batch, prompt_len = prompts.shape
     num_rows = batch * num_samples
     vocab_ids = jnp.arange(config.vocab_size)

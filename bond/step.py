@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from bond import sharding
+from bond import lora, sharding
 from bond.algorithms import Drawn, LossInputs, Samples, split_algo_state
 from bond.models import param_logical_axes, response_rows, sequence_logprobs
 from bond.models.preference import preference_matrix
@@ -178,21 +178,46 @@ def master_copy(tree):
 
 
 def init_state(setup: Setup, ref_params) -> TrainState:
-    """The policy (and anchor) start at the reference, as float32 master weights (`master_copy`)."""
+    """The policy (and anchor) start at the reference, as float32 master weights (`master_copy`).
+
+    With LoRA (`setup.model` has adapters) the trained weights are the adapters alone, with B = 0,
+    so the policy base ∪ adapters starts exactly at the reference (the base); the anchor's adapters
+    start as a copy, and the optimizer state is the adapters'. A is drawn from a fixed key (`lora.INIT_KEY`):
+    every seed starts from the same adapters, as every full fine-tuning run starts from the reference,
+    so a population member and the single run of its config start alike."""
+    if lora.adapted(setup.model):
+        start = lora.init_adapters(setup.model, jax.random.PRNGKey(lora.INIT_KEY))
+    else:
+        start = ref_params
     return TrainState(
         step=jnp.zeros((), jnp.int32),
-        params=master_copy(ref_params),
-        anchor_params=master_copy(ref_params) if setup.anchor_kind != "none" else None,
-        opt_state=make_optimizer(setup.config).init(as_float32(ref_params)),
+        params=master_copy(start),
+        anchor_params=master_copy(start) if setup.anchor_kind != "none" else None,
+        opt_state=make_optimizer(setup.config).init(as_float32(start)),
         nonfinite_step=jnp.full((), -1, jnp.int32),
         algo_state=setup.algorithm.initial_state(),
     )
 
 
+def trained_logical_axes(setup: Setup):
+    """The logical axes of the weights a run trains: the model's (`param_logical_axes`), or its
+    adapters' alone in a LoRA run."""
+    axes = param_logical_axes(setup.model)
+    return lora.adapters_of(axes) if lora.adapted(setup.model) else axes
+
+
+def model_params(setup: Setup, trained, base):
+    """The parameters the model computes with, from the compute copy of the trained weights: those
+    weights themselves, or in a LoRA run the frozen `base` (the reference) with them as its adapters."""
+    if trained is None:
+        return None
+    return lora.with_adapters(base, trained) if lora.adapted(setup.model) else trained
+
+
 def state_shardings(setup: Setup, state: TrainState) -> TrainState:
     """Parameters by their logical axes (bond/sharding.py rules), optimizer state like them, the rest replicated."""
     mesh = setup.mesh
-    params = sharding.param_shardings(state.params, param_logical_axes(setup.model), mesh)
+    params = sharding.param_shardings(state.params, trained_logical_axes(setup), mesh)
     rep = sharding.replicated(mesh)
     return TrainState(
         step=rep,
@@ -202,6 +227,12 @@ def state_shardings(setup: Setup, state: TrainState) -> TrainState:
         nonfinite_step=rep,
         algo_state=jax.tree.map(lambda _: rep, state.algo_state),
     )
+
+
+def reference_shardings(setup: Setup, ref_params):
+    """The reference's shardings, by the model's logical axes (without adapters: in a LoRA run the
+    reference is the frozen base)."""
+    return sharding.param_shardings(ref_params, lora.logical_axes(setup.model, ref_params), setup.mesh)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +360,7 @@ def pair_judge_of(setup: Setup, judges) -> Optional[Callable[[Samples], jax.Arra
 
 
 def loss_and_grad(setup: Setup, params, drawn: Drawn, hp, key, pair_judge, prompt_length: int, algo_state=None,
-                  micro_batches: int = 1):
+                  micro_batches: int = 1, base=None):
     """Phase 4: the algorithm's (loss, metrics) on the drawn samples and its gradient in `params`
     (the compute copy, `compute_params`: the gradient has its dtype with one micro-batch, float32
     when accumulated over several).
@@ -338,7 +369,9 @@ def loss_and_grad(setup: Setup, params, drawn: Drawn, hp, key, pair_judge, promp
     algorithm with a state reads `algo_state` and returns the next one in the metrics
     (`bond.algorithms.split_algo_state`). With `micro_batches` > 1 the gradient is accumulated
     over micro-batches of the prompts while the loss keeps the whole batch's statistics
-    (`micro_batched_loss_and_grad`)."""
+    (`micro_batched_loss_and_grad`). In a LoRA run `params` are the adapters, the model computes
+    with `base` ∪ adapters (`model_params`) and the gradient is the adapters' alone."""
+    as_model = lambda trained: model_params(setup, trained, base)
 
     def loss_of(policy_logp: Callable[[Samples], jax.Array]):
         inputs = LossInputs(
@@ -348,12 +381,13 @@ def loss_and_grad(setup: Setup, params, drawn: Drawn, hp, key, pair_judge, promp
         return setup.algorithm.loss(inputs)
 
     if micro_batches == 1:
-        loss_fn = lambda p: loss_of(functools.partial(policy_logprobs, setup, p, prompt_length=prompt_length))
+        loss_fn = lambda p: loss_of(functools.partial(policy_logprobs, setup, as_model(p), prompt_length=prompt_length))
         return jax.value_and_grad(loss_fn, has_aux=True)(params)
-    return micro_batched_loss_and_grad(setup, params, loss_of, prompt_length, micro_batches)
+    return micro_batched_loss_and_grad(setup, params, loss_of, prompt_length, micro_batches, as_model)
 
 
-def micro_batched_loss_and_grad(setup: Setup, params, loss_of: Callable, prompt_length: int, micro_batches: int):
+def micro_batched_loss_and_grad(setup: Setup, params, loss_of: Callable, prompt_length: int, micro_batches: int,
+                                as_model: Callable = lambda p: p):
     """((loss, metrics), ∇θ loss) with the policy's differentiable log-prob passes over `micro_batches`
     micro-batches of the prompts, exact for every loss.
 
@@ -372,6 +406,7 @@ def micro_batched_loss_and_grad(setup: Setup, params, loss_of: Callable, prompt_
       3. accumulate: ∇θ L = Σ_m Σ_i vjp(ℓ_i restricted to micro-batch m)(g_i[m]), one backward pass
          per micro-batch in a lax.scan, summed in float32.
 
+    `as_model` maps the differentiated weights to the model's parameters (`model_params`).
     The forward log-prob pass therefore runs twice (record, then inside each vjp). The loss must
     call policy_logp at its top level (not inside a vmap, scan or cond of its own) and in an order
     that does not depend on the log-probs' values, which holds for every registered loss.
@@ -379,7 +414,8 @@ def micro_batched_loss_and_grad(setup: Setup, params, loss_of: Callable, prompt_
     calls: list[tuple[Samples, jax.Array]] = []
 
     def record(samples: Samples) -> jax.Array:
-        logp = jax.lax.stop_gradient(micro_batched_logprobs(setup, params, samples, prompt_length, micro_batches))
+        logp = jax.lax.stop_gradient(micro_batched_logprobs(setup, as_model(params), samples, prompt_length,
+                                                            micro_batches))
         calls.append((sequences(samples), logp))
         return logp
 
@@ -402,7 +438,8 @@ def micro_batched_loss_and_grad(setup: Setup, params, loss_of: Callable, prompt_
 
     def accumulate(total, part):
         sets, cots = part
-        surrogate = lambda p: sum(jnp.sum(policy_logprobs(setup, p, s, prompt_length) * g) for s, g in zip(sets, cots))
+        surrogate = lambda p: sum(jnp.sum(policy_logprobs(setup, as_model(p), s, prompt_length) * g)
+                                  for s, g in zip(sets, cots))
         grads = jax.grad(surrogate)(params)
         return jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads), None
 
@@ -472,7 +509,9 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, Batch, Fixed, Traced]
         key = jax.random.fold_in(traced.seed_key, state.step)
         k_policy, k_anchor, k_ref, k_loss = jax.random.split(key, 4)
         # The policy and anchor as the model computes with them; the master weights stay float32.
-        params_c, anchor_c = compute_params(setup, state.params), compute_params(setup, state.anchor_params)
+        trained_c = compute_params(setup, state.params)
+        params_c = model_params(setup, trained_c, fixed.reference)
+        anchor_c = model_params(setup, compute_params(setup, state.anchor_params), fixed.reference)
         logp_params = {"reference": fixed.reference, "anchor": anchor_c}
 
         def draw(params, k, count, source):
@@ -487,8 +526,8 @@ def make_train_step(setup: Setup) -> Callable[[TrainState, Batch, Fixed, Traced]
             reference = draw(fixed.reference, k_ref, plan.reference, "reference")
         drawn = Drawn(policy, anchor, reference)
 
-        (loss, loss_metrics), grads = loss_and_grad(setup, params_c, drawn, hp, k_loss, pair_judge_of(setup, fixed.judges),
-                                                    prompt_length, state.algo_state, micro_batches)
+        (loss, loss_metrics), grads = loss_and_grad(setup, trained_c, drawn, hp, k_loss, pair_judge_of(setup, fixed.judges),
+                                                    prompt_length, state.algo_state, micro_batches, fixed.reference)
         loss_metrics, algo_state = split_algo_state(loss_metrics, state.algo_state)
         params, opt_state = optimizer_update(optimizer, state.params, state.opt_state, grads, hp)
         anchor_params = anchor_update(setup.anchor_kind, state.anchor_params, params, state.step, hp, period)

@@ -301,6 +301,9 @@ def run(config: ml_collections.ConfigDict, *, num_prompts: int, steps: int, rows
     """Adapts one copy per eval prompt (the first `num_prompts` of the task's eval set) for `steps`
     steps and evaluates every copy exactly; returns {"queries", "before", "after", "per_prompt", ...}."""
     config = test_time_config(config, steps=steps, n=n)
+    if config.lora.rank:
+        raise ValueError("config.lora.rank: test-time BOND adapts a full copy of the policy per prompt; adapters "
+                         "per prompt are not supported here yet. Set config.lora.rank=0.")
     setup, ref_params = make_setup(config, log)
     n = int(round(config.algo.n))
     prompts = setup.task.prompts("eval", num_prompts, config.seed)

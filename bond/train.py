@@ -20,13 +20,13 @@ from typing import Callable, Optional
 import jax
 import ml_collections
 
-from bond import sharding
+from bond import lora, sharding
 from bond.checkpoint import Checkpointer, abstract_like, install_sigterm_handler
 from bond.context import build_context, eval_key, is_logging_step
 from bond.evaluation import Evaluator
 from bond.metrics import MetricWriter, Progress, check_finite, read_metrics
 from bond.plots import plot_run, write_reference_front
-from bond.step import TrainState, compute_params
+from bond.step import TrainState, compute_params, model_params
 
 
 def is_eval_step(step: int, config) -> bool:
@@ -56,8 +56,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
     state = context.state
     checkpointer = Checkpointer(workdir / "checkpoints", keep=c.checkpoint.keep)
     writer = MetricWriter.for_run(workdir, c)
-    start, state, _ = checkpointer.restore_latest(abstract_like(state, context.shardings.state), log) or (0, state, None)
+    # A LoRA run's checkpoints hold adapters: each records which base (reference weights) they adapt.
+    base = lora.base_id(context.fixed.reference) if lora.adapted(context.setup.model) else None
+    meta = None if base is None else {"lora_base": base}
+    start, state, saved_meta = (checkpointer.restore_latest(abstract_like(state, context.shardings.state), log)
+                                or (0, state, None))
     if start:
+        lora.check_same_base(saved_meta, base, str(workdir / "checkpoints"))
         log(f"Resumed from the checkpoint at step {start} in {workdir / 'checkpoints'}")
     # Lines a killed run wrote after its last checkpoint (all of them when it saved none: step 0 is evaluated again).
     writer.truncate_after(start if start else -1)
@@ -69,8 +74,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
     progress = Progress(c.steps)
 
     def evaluate(step: int) -> dict:
-        # The policy as the step samples it: the compute copy of the master weights.
-        policy = compute_params(context.setup, sharding.process_local(state.params))
+        # The policy as the step samples it: the compute copy of the master weights (with the base, in a LoRA run).
+        policy = model_params(context.setup, compute_params(context.setup, sharding.process_local(state.params)),
+                              context.local_reference)
         metrics = {f"eval/{k}": v for k, v in evaluator(policy).items()}
         writer.write(step, metrics)
         return metrics
@@ -82,7 +88,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
     try:
         while step < c.steps:
             if stop.stop_requested():
-                checkpointer.save(step, state)
+                checkpointer.save(step, state, meta)
                 checkpointer.wait_until_finished()
                 log(f"Stopped by SIGTERM after step {step}; saved a checkpoint.")
                 return {"stopped_at": step}
@@ -100,7 +106,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
                 progress.update(step, report)
             if is_checkpoint_step(step, c):
                 _stop_if_nonfinite(state, last_saved)
-                checkpointer.save(step, state)
+                checkpointer.save(step, state, meta)
                 last_saved = step
     finally:
         writer.close()

@@ -15,7 +15,7 @@ import ml_collections
 
 from bond import algorithms, sharding
 from bond.metrics import wandb_problem
-from bond.models.transformer import ATTENTIONS, REMAT_POLICIES
+from bond.models.transformer import ATTENTIONS, LORA_TARGETS, REMAT_POLICIES
 from bond.sampling import PLAIN_SAMPLING
 from bond.tasks import TASK_NAMES
 
@@ -97,6 +97,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
         f"config.model.d_model={config.model.d_model} must be divisible by config.model.num_heads={config.model.num_heads}.",
     )
     _validate_memory(config)
+    _validate_lora(config)
     if config.reward_model.use_proxy:
         _require(config.task == "synthetic_language", f"config.reward_model.use_proxy needs task 'synthetic_language' (a task with preference data), not {config.task!r}.")
     if config.task == PRETRAINED_TASK:
@@ -243,6 +244,21 @@ def _validate_memory(config: ml_collections.ConfigDict) -> None:
     _require(memory.attention != "cudnn" or jax.default_backend() == "gpu",
              f"config.memory.attention='cudnn' needs NVIDIA GPUs, not {jax.default_backend()!r}; use 'dot_product'.")
     _integer(config, "memory.logprob_vocab_chunk", 0)
+
+
+def _validate_lora(config: ml_collections.ConfigDict) -> None:
+    """config.lora: rank >= 0, alpha >= 0, targets 'all' or known names (whether the model has them is
+    checked when it is built, `bond.context.with_lora`)."""
+    _integer(config, "lora.rank", 0)
+    _require(isinstance(config.lora.alpha, (int, float)) and config.lora.alpha >= 0,
+             f"config.lora.alpha={config.lora.alpha!r} must be a number >= 0 (0: alpha = rank).")
+    targets = config.lora.targets
+    _require(isinstance(targets, str) and targets.strip(),
+             f"config.lora.targets={targets!r} must be 'all' or comma-separated names among {LORA_TARGETS}.")
+    if targets.strip() != "all":
+        names = [t.strip() for t in targets.split(",") if t.strip()]
+        unknown = sorted(set(names) - set(LORA_TARGETS))
+        _require(not unknown, f"config.lora.targets: unknown {unknown}; use 'all' or names among {LORA_TARGETS}.")
 
 
 def validate_pretrained(config: ml_collections.ConfigDict) -> None:

@@ -703,10 +703,17 @@ def save_pretrained(model: Transformer | TransformerConfig, params: dict, path: 
     With several processes every process must call it (sharded parameters are gathered) and
     process 0 writes.
 
+    LoRA adapters in `params` (bond/lora.py) are folded into the weights they adapt first, so the
+    folder holds the plain model that computes what the adapted one does.
+
     Raises:
       ValueError if the config has no HF equivalent (`model_type_of`) or params do not fit it.
     """
+    from bond import lora  # bond.lora imports this package's transformer module
+
     config = as_transformer(model).config
+    if lora.adapters_of(params):
+        params = lora.merged(config, params)
     hf = config_to_hf(config)
     tensors = _causal_lm_tensors(config, hf["model_type"])
     expected = {p for t in tensors for p in t.paths}

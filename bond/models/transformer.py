@@ -63,6 +63,9 @@ ACTIVATIONS = {
 }
 NORMS = ("layer_norm", "rms_norm")
 # Which activations of a block the backward pass keeps (TransformerConfig.remat); the rest it recomputes.
+# Projections a LoRA adapter may target, by PEFT's names: attention query / key / value / output
+# (modules query, key, value, out), MLP gate / up (fc_gate, fc_in) / down (fc_out).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REMAT_POLICIES = {
     "none": None,  # no rematerialization: every activation is kept
     "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the rest
@@ -119,6 +122,11 @@ class TransformerConfig:
       attention: one of ATTENTIONS: 'einsum' (explicit scores and softmax), 'dot_product'
         (jax.nn.dot_product_attention) or 'cudnn' (its fused cuDNN kernel; NVIDIA GPUs, 16-bit
         dtypes). The same function; the dot-product forms differ from 'einsum' by float rounding.
+      lora_rank, lora_alpha, lora_targets: low-rank adapters (LoRA, Hu et al. 2021, arXiv 2106.09685)
+        on the projections named in lora_targets (LORA_TARGETS, PEFT's names): W x becomes
+        W x + (α/r)·B A x with A [fan_in, r], B [r, fan_out]. `init_params` then also creates the
+        adapters (B = 0, so the model starts as its base); a parameter tree without them (the base
+        alone, `bond.lora.base_of`) computes the plain model. rank 0: no adapters.
     """
 
     vocab_size: int
@@ -146,6 +154,9 @@ class TransformerConfig:
     scale_embeddings: bool = False
     remat: str = "none"
     attention: str = "einsum"
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "d_ff", "max_len"):
@@ -205,6 +216,18 @@ class TransformerConfig:
             raise ValueError(
                 f"TransformerConfig.attention must be one of {tuple(ATTENTIONS)}, got {self.attention!r}."
             )
+        if not isinstance(self.lora_rank, int) or isinstance(self.lora_rank, bool) or self.lora_rank < 0:
+            raise ValueError(f"TransformerConfig.lora_rank must be an int >= 0 (0 = no adapters), got {self.lora_rank!r}.")
+        unknown = set(self.lora_targets) - set(LORA_TARGETS)
+        if unknown:
+            raise ValueError(f"TransformerConfig.lora_targets: unknown {sorted(unknown)}; choose among {LORA_TARGETS}.")
+        if "gate_proj" in self.lora_targets and not self.gated_mlp:
+            raise ValueError("TransformerConfig.lora_targets names 'gate_proj', but this model's MLP is not gated.")
+
+    @property
+    def lora_scale(self) -> float:
+        """α/r, the factor of the adapters' output (α = r when lora_alpha is 0)."""
+        return (self.lora_alpha or self.lora_rank) / self.lora_rank if self.lora_rank else 0.0
 
     @property
     def head_dim(self) -> int:
@@ -379,6 +402,43 @@ def _matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return out.reshape(x.shape[:-1] + kernel.shape[-1:])
 
 
+class LoraAdapter(nn.Module):
+    """The low-rank term (α/r)·(x A) B of an adapted projection: x [..., fan_in] → [..., fan_out],
+    A [fan_in, r] ~ N(0, 1/fan_in), B [r, fan_out] = 0 at initialisation (LoRA, Hu et al. 2021).
+
+    Returns None when the parameters being applied have no adapter here (the base model alone), so
+    one model config serves the policy (base + adapters) and the reference (the base)."""
+
+    config: TransformerConfig
+    fan_in: int
+    fan_out: int
+    in_axis: str | None
+    out_axis: str | None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array | None:
+        c = self.config
+        if not self.is_initializing() and not self.has_variable("params", "a"):
+            return None
+        a = self.param("a", _normal(self.fan_in**-0.5, (self.in_axis, None)), (self.fan_in, c.lora_rank), c.param_dtype)
+        b = self.param("b", _zeros((None, self.out_axis)), (c.lora_rank, self.fan_out), c.param_dtype)
+        x, a, b = nn.dtypes.promote_dtype(x, a, b, dtype=c.dtype)
+        return _matmul(_matmul(x, a), b) * jnp.asarray(c.lora_scale, c.dtype)
+
+
+def _lora(config: TransformerConfig, target: str, fan_in: int, fan_out: int, in_axis: str | None,
+          out_axis: str | None, name: str) -> LoraAdapter | None:
+    """The adapter of `target` (a LORA_TARGETS name), or None when the config does not adapt it."""
+    if not config.lora_rank or target not in config.lora_targets:
+        return None
+    return LoraAdapter(config, fan_in, fan_out, in_axis, out_axis, name=name)
+
+
+def _plus_lora(out: jax.Array, adapter: LoraAdapter | None, x: jax.Array) -> jax.Array:
+    delta = None if adapter is None else adapter(x)
+    return out if delta is None else out + delta
+
+
 class HeadProjection(nn.Module):
     """x [B, T, D] -> [B, H, T, head_dim]: a per-head linear map, kernel [D, H, head_dim] (+ bias).
 
@@ -389,6 +449,7 @@ class HeadProjection(nn.Module):
 
     config: TransformerConfig
     num_heads: int
+    lora_target: str = ""
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -396,8 +457,9 @@ class HeadProjection(nn.Module):
         shape = (c.d_model, self.num_heads, c.head_dim)
         kernel = self.param("kernel", _normal(_INIT_STD, ("embed", "heads", "kv")), shape, c.param_dtype)
         bias = self.param("bias", _zeros(("heads", "kv")), shape[1:], c.param_dtype) if c.qkv_bias else None
+        adapter = _lora(c, self.lora_target, c.d_model, self.num_heads * c.head_dim, "embed", None, "lora")
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=c.dtype)
-        out = _matmul(x, kernel.reshape(c.d_model, -1))
+        out = _plus_lora(_matmul(x, kernel.reshape(c.d_model, -1)), adapter, x)
         if bias is not None:
             out = out + bias.reshape(-1)
         return out.reshape(x.shape[:2] + shape[1:]).transpose(0, 2, 1, 3)
@@ -415,10 +477,11 @@ class HeadMerge(nn.Module):
         init_std = _INIT_STD / math.sqrt(2 * c.num_layers)
         kernel = self.param("kernel", _normal(init_std, ("heads", "kv", "embed")), shape, c.param_dtype)
         bias = self.param("bias", _zeros(("embed",)), shape[2:], c.param_dtype) if c.out_bias else None
+        adapter = _lora(c, "o_proj", c.num_heads * c.head_dim, c.d_model, None, "embed", "lora")
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=c.dtype)
         batch, _, length, _ = x.shape
         merged = x.transpose(0, 2, 1, 3).reshape(batch, length, -1)
-        out = _matmul(merged, kernel.reshape(-1, c.d_model))
+        out = _plus_lora(_matmul(merged, kernel.reshape(-1, c.d_model)), adapter, merged)
         return out if bias is None else out + bias
 
 
@@ -438,9 +501,9 @@ class Attention(nn.Module):
     ) -> tuple[jax.Array, LayerCache | None]:
         """x [B, T, D]; allowed [B, T, S] bool (query t may attend key slot s); rope: (cos, sin) or None."""
         c = self.config
-        query = HeadProjection(c, c.num_heads, name="query")(x)
-        key = HeadProjection(c, c.kv_heads, name="key")(x)
-        value = HeadProjection(c, c.kv_heads, name="value")(x)
+        query = HeadProjection(c, c.num_heads, "q_proj", name="query")(x)
+        key = HeadProjection(c, c.kv_heads, "k_proj", name="key")(x)
+        value = HeadProjection(c, c.kv_heads, "v_proj", name="value")(x)
         if rope is None:
             query = query * c.head_dim**-0.5
         else:
@@ -501,6 +564,7 @@ class Mlp(nn.Module):
             bias_init=_zeros(("mlp",)),
             name="fc_in",
         )(x)
+        h = _plus_lora(h, _lora(c, "up_proj", c.d_model, c.d_ff, "embed", "mlp", "fc_in_lora"), x)
         if c.gated_mlp:
             gate = dense(
                 c.d_ff,
@@ -508,15 +572,17 @@ class Mlp(nn.Module):
                 bias_init=_zeros(("mlp",)),
                 name="fc_gate",
             )(x)
+            gate = _plus_lora(gate, _lora(c, "gate_proj", c.d_model, c.d_ff, "embed", "mlp", "fc_gate_lora"), x)
             h = ACTIVATIONS[c.activation](gate) * h
         else:
             h = ACTIVATIONS[c.activation](h)
-        return dense(
+        out = dense(
             c.d_model,
             kernel_init=_normal(_INIT_STD / math.sqrt(2 * c.num_layers), ("mlp", "embed")),
             bias_init=_zeros(("embed",)),
             name="fc_out",
         )(h)
+        return _plus_lora(out, _lora(c, "down_proj", c.d_ff, c.d_model, "mlp", "embed", "fc_out_lora"), h)
 
 
 class Block(nn.Module):
