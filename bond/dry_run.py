@@ -172,19 +172,27 @@ def compile_train_step(context):
 
 def compile_sampler(context, count: int):
     """The step's sampler (`bond.step.sample_responses`) drawing `count` samples of each of the step's
-    prompts from the policy, with the run's shardings, compiled ahead of time."""
-    from bond import sharding
-    from bond.step import sample_responses
+    prompts from the policy, with the run's shardings, compiled ahead of time. The policy's weights
+    are the reference's shapes (it starts there), or in a LoRA run the base with the run's adapters."""
+    from bond import lora, sharding
+    from bond.step import compute_params, model_params, sample_responses
 
     setup, batch = context.setup, context.batch(0)
-    sample = sharding.jit_sharded(
-        lambda params, prompts, mask, key: sample_responses(setup, params, prompts, mask, key, count),
-        in_shardings=(context.shardings.state.params, context.shardings.batch.prompts,
-                      context.shardings.batch.prompt_mask, sharding.replicated(setup.mesh)),
-        out_shardings=None,
-    )
     key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(setup.mesh))
-    return sample.lower(context.fixed.reference, batch.prompts, batch.prompt_mask, key).compile()
+    data = (batch.prompts, batch.prompt_mask, key)
+    data_shardings = (context.shardings.batch.prompts, context.shardings.batch.prompt_mask, sharding.replicated(setup.mesh))
+    if lora.adapted(setup.model):
+        def draw(trained, base, prompts, mask, key):
+            return sample_responses(setup, model_params(setup, compute_params(setup, trained), base), prompts, mask, key,
+                                    count)
+        weights = (context.state.params, context.fixed.reference)
+        weight_shardings = (context.shardings.state.params, context.shardings.fixed.reference)
+    else:
+        def draw(params, prompts, mask, key):
+            return sample_responses(setup, params, prompts, mask, key, count)
+        weights, weight_shardings = (context.fixed.reference,), (context.shardings.fixed.reference,)
+    sample = sharding.jit_sharded(draw, in_shardings=weight_shardings + data_shardings, out_shardings=None)
+    return sample.lower(*weights, *data).compile()
 
 
 _OUT_OF_MEMORY = re.compile(r"memory required for HLO temporaries \(([\d.]+)(\w)\) exceeds available HBM \(([\d.]+)(\w)\)")

@@ -201,3 +201,17 @@ def test_lora_population_member_equals_its_separate_run(cache_dir, tmp_path):
 def test_lora_config_variant_combines_with_the_others():
     c = load_config(f"{ROOT / 'configs' / 'pretrained' / 'j_bond_gemma.py'}:gemma_7b,lora")
     assert (c.lora.rank, c.lora.alpha, c.lora.targets, c.batch_size) == (16, 32.0, "all", 128)
+
+
+def test_lora_dry_run_holds_the_adapters_as_its_state(cache_dir):
+    """The dry run of a LoRA run (`--dry_run`, here on the local device) compiles its step with the
+    adapters and their Adam moments as the only state: the step's outputs (the new state) shrink to
+    a small fraction of full fine-tuning's, and the sampler reads the base with the adapters."""
+    from bond import dry_run
+
+    spec = f"{ROOT / 'configs' / 'pretrained' / 'j_bond_gemma.py'}:tiny"
+    full, adapted = (dry_run.dry_run(load_config(spec + extra), log=QUIET) for extra in ("", ",lora"))
+    step = {line["program"]: line for line in full}, {line["program"]: line for line in adapted}
+    assert all(line["fits"] for line in full + adapted)
+    assert step[1]["train_step"]["output_gib"] < 0.5 * step[0]["train_step"]["output_gib"]
+    assert step[1]["sampler"]["argument_gib"] > step[0]["sampler"]["argument_gib"]  # base + adapters
