@@ -32,6 +32,7 @@ EXPERIMENTS: tuple[str, ...] = (
     "over_optimization",
     "rejection_sampling",
     "test_time",
+    "lora",
 )
 
 

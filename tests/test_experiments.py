@@ -24,7 +24,7 @@ from experiments.all import EXPERIMENTS
 
 ROOT = Path(__file__).resolve().parents[1]
 # About half of the quick modes' time each (2 cores, 2026-12: 120 s and 157 s).
-FIRST_HALF = ("bon_theory", "jeffreys", "n_sweep", "quantile_estimation", "iterative_bond", "rejection_sampling")
+FIRST_HALF = ("bon_theory", "jeffreys", "n_sweep", "quantile_estimation", "iterative_bond", "rejection_sampling", "lora")
 # tests/test_test_time.py runs test_time's quick mode on the tests' tiny model, checked by its `check`.
 TESTED_ELSEWHERE = ("test_time",)
 SECOND_HALF = tuple(name for name in EXPERIMENTS if name not in FIRST_HALF + TESTED_ELSEWHERE)
