@@ -29,10 +29,10 @@ import ml_collections
 import numpy as np
 
 from bond import algorithms, sharding, stages
+from bond import lora as adapters
 from bond.algorithms import Algorithm, Samples, SamplingPlan
 from bond.checkpoint import abstract_like
 from bond.models import PairJudge, RewardFn, TransformerConfig, reward_model_fn
-from bond.models.transformer import LORA_TARGETS
 from bond.step import (
     Batch, Fixed, StepShardings, Traced, TrainState, compile_train_step, draw_samples, init_state, reference_shardings,
     state_shardings,
@@ -115,24 +115,14 @@ def with_memory_options(model: TransformerConfig, memory: ml_collections.ConfigD
     return dataclasses.replace(model, remat=memory.remat, attention=memory.attention)
 
 
-def lora_targets(model: TransformerConfig, targets: str) -> tuple[str, ...]:
-    """config.lora.targets as a tuple of LORA_TARGETS names: 'all' = every projection `model` has
-    (gate_proj only with a gated MLP), else the comma-separated names."""
-    if targets.strip() == "all":
-        return tuple(t for t in LORA_TARGETS if t != "gate_proj" or model.gated_mlp)
-    return tuple(t.strip() for t in targets.split(",") if t.strip())
-
-
 def with_lora(model: TransformerConfig, lora: ml_collections.ConfigDict) -> TransformerConfig:
     """The policy's architecture with the run's adapters (config.lora; rank 0: none). Applied, like
     the memory options, after the reference and judges are built: their parameters stay the base's,
     and the base applied alone computes the plain model (bond/lora.py)."""
     if not lora.rank:
         return model
-    targets = lora_targets(model, lora.targets)
-    if "gate_proj" in targets and not model.gated_mlp:
-        raise ValueError("config.lora.targets names gate_proj, but this model's MLP has no gate; drop it (or use 'all').")
-    return dataclasses.replace(model, lora_rank=int(lora.rank), lora_alpha=float(lora.alpha), lora_targets=targets)
+    return dataclasses.replace(model, lora_rank=int(lora.rank), lora_alpha=float(lora.alpha),
+                               lora_targets=adapters.targets_of(lora.targets, model.gated_mlp))
 
 
 def _pretrained_setup(config, algorithm: Algorithm, mesh, log, abstract: bool = False) -> tuple[Setup, Any]:

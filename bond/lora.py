@@ -34,9 +34,25 @@ import jax
 import jax.numpy as jnp
 
 from bond.checkpoint import fingerprints
-from bond.models.transformer import TransformerConfig, init_params, param_logical_axes
+from bond.models.transformer import LORA_TARGETS, TransformerConfig, init_params, param_logical_axes
 
 INIT_KEY = 0  # the PRNG key the adapters' A matrices are drawn from (B starts at 0)
+
+
+def targets_of(spec: str, gated_mlp: bool) -> tuple[str, ...]:
+    """config.lora.targets as LORA_TARGETS names: 'all' = every projection of a model (gate_proj only
+    with a gated MLP), else the comma-separated names; ValueError naming the field for others."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"config.lora.targets={spec!r} must be 'all' or comma-separated names among {LORA_TARGETS}.")
+    if spec.strip() == "all":
+        return tuple(t for t in LORA_TARGETS if t != "gate_proj" or gated_mlp)
+    names = tuple(t.strip() for t in spec.split(",") if t.strip())
+    unknown = sorted(set(names) - set(LORA_TARGETS))
+    if unknown:
+        raise ValueError(f"config.lora.targets: unknown {unknown}; use 'all' or names among {LORA_TARGETS}.")
+    if "gate_proj" in names and not gated_mlp:
+        raise ValueError("config.lora.targets names gate_proj, but this model's MLP has no gate; drop it (or use 'all').")
+    return names
 
 
 def is_adapter_path(path: tuple) -> bool:

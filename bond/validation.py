@@ -13,9 +13,9 @@ from pathlib import Path
 import jax
 import ml_collections
 
-from bond import algorithms, sharding
+from bond import algorithms, lora, sharding
 from bond.metrics import wandb_problem
-from bond.models.transformer import ATTENTIONS, LORA_TARGETS, REMAT_POLICIES
+from bond.models.transformer import ATTENTIONS, REMAT_POLICIES
 from bond.sampling import PLAIN_SAMPLING
 from bond.tasks import TASK_NAMES
 
@@ -252,13 +252,10 @@ def _validate_lora(config: ml_collections.ConfigDict) -> None:
     _integer(config, "lora.rank", 0)
     _require(isinstance(config.lora.alpha, (int, float)) and config.lora.alpha >= 0,
              f"config.lora.alpha={config.lora.alpha!r} must be a number >= 0 (0: alpha = rank).")
-    targets = config.lora.targets
-    _require(isinstance(targets, str) and targets.strip(),
-             f"config.lora.targets={targets!r} must be 'all' or comma-separated names among {LORA_TARGETS}.")
-    if targets.strip() != "all":
-        names = [t.strip() for t in targets.split(",") if t.strip()]
-        unknown = sorted(set(names) - set(LORA_TARGETS))
-        _require(not unknown, f"config.lora.targets: unknown {unknown}; use 'all' or names among {LORA_TARGETS}.")
+    try:
+        lora.targets_of(config.lora.targets, gated_mlp=True)  # whether the model has a gate: when it is built
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def validate_pretrained(config: ml_collections.ConfigDict) -> None:
