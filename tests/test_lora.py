@@ -165,20 +165,20 @@ def test_lora_resume_after_sigkill_is_exact_and_checkpoints_name_their_base(cach
     """A LoRA run killed after its first checkpoints and rerun ends with an uninterrupted run's
     exact metrics; its checkpoints record the base they adapt (`lora.base_id` of the reference),
     and restoring them onto another base is refused."""
-    args = lambda workdir: cli_args(workdir, cache_dir, steps=20) + ["--config.lora.rank=4"]
+    args = lambda workdir: cli_args(workdir, cache_dir, steps=12) + ["--config.lora.rank=4"]
     uninterrupted = tmp_path / "uninterrupted"
     assert run_cli(args(uninterrupted), cache_dir).wait(timeout=600) == 0
     killed = tmp_path / "killed"
     proc = run_cli(args(killed), cache_dir)
-    assert kill_after(proc, killed, after_step=12) == -signal.SIGKILL
+    assert kill_after(proc, killed, after_step=7) == -signal.SIGKILL
     assert run_cli(args(killed), cache_dir).wait(timeout=600) == 0
     assert read_metrics(killed / "metrics.jsonl") == read_metrics(uninterrupted / "metrics.jsonl")
 
-    c = tiny("j_bond", cache_dir, **{"lora.rank": 4, "steps": 20})
+    c = tiny("j_bond", cache_dir, **{"lora.rank": 4, "steps": 12})
     context = build_context(c, QUIET)
     restored = Checkpointer(killed / "checkpoints", keep=3).restore_latest(abstract_like(context.state, context.shardings.state),
                                                                     QUIET)
-    assert restored[0] == 20 and restored[2] == {"lora_base": lora.base_id(context.fixed.reference)}
+    assert restored[0] == 12 and restored[2] == {"lora_base": lora.base_id(context.fixed.reference)}
     with pytest.raises(ValueError, match="belong to base"):
         lora.check_same_base(restored[2], lora.base_id(perturbed(context.fixed.reference, 1e-3)), "here")
 
@@ -232,9 +232,10 @@ def test_lora_micro_batched_gradient_equals_the_whole_batch(cache_dir):
     draw = lambda key, count, source: draw_samples(setup, policy, batch.prompts, batch.prompt_mask, jax.random.key(key),
                                                    count, fixed.judges, source, logp_params,
                                                    setup.algorithm.reads_of(source))
-    drawn = Drawn(draw(1, setup.plan.policy, "policy"), draw(2, setup.plan.anchor, "anchor"), None)
-    grads = [loss_and_grad(setup, trained, drawn, context.traced.hparams, jax.random.key(3), None,
-                           batch.prompts.shape[1], None, m, fixed.reference)[1] for m in (1, 2)]
+    drawn = jax.jit(lambda: Drawn(draw(1, setup.plan.policy, "policy"), draw(2, setup.plan.anchor, "anchor"), None))()
+    grad = lambda m: jax.jit(lambda t, d: loss_and_grad(setup, t, d, context.traced.hparams, jax.random.key(3), None,
+                                                        batch.prompts.shape[1], None, m, fixed.reference)[1])
+    grads = [grad(m)(trained, drawn) for m in (1, 2)]
     assert jax.tree.structure(grads[0]) == jax.tree.structure(trained)
     assert all(float(np.max(np.abs(g))) > 0 for g in jax.tree.leaves(grads[0]))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), *grads)
