@@ -7,7 +7,6 @@ trained weights, the anchor's EMA acts on them, and resume after SIGKILL is exac
 
 import dataclasses
 import signal
-import time
 from pathlib import Path
 
 import jax
@@ -24,7 +23,7 @@ from bond.models import load_pretrained, logits, save_pretrained
 from bond.models.transformer import LORA_TARGETS, TransformerConfig, init_params
 from bond.step import compute_params, model_params
 from bond.validation import ConfigError, validate
-from test_train import cache_dir, cli_args, run_cli, tiny  # noqa: F401 (cache_dir is a fixture)
+from test_train import cache_dir, cli_args, run_cli, start_and_stop, tiny  # noqa: F401 (cache_dir is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "pretrained"
@@ -148,19 +147,6 @@ def test_lora_run_trains_only_the_adapters_and_the_anchor_averages_them(cache_di
     assert all(v > 0 for v in moved(jax.device_get(state).params, after.params).values())
 
 
-def kill_after(proc, workdir, after_step):
-    """SIGKILLs `proc` once the metrics of `after_step` are written; returns its exit code."""
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        rows = read_metrics(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else []
-        if any(r["step"] >= after_step for r in rows):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be stopped"
-    proc.send_signal(signal.SIGKILL)
-    return proc.wait(timeout=600)
-
-
 def test_lora_resume_after_sigkill_is_exact_and_checkpoints_name_their_base(cache_dir, tmp_path):
     """A LoRA run killed after its first checkpoints and rerun ends with an uninterrupted run's
     exact metrics; its checkpoints record the base they adapt (`lora.base_id` of the reference),
@@ -169,8 +155,7 @@ def test_lora_resume_after_sigkill_is_exact_and_checkpoints_name_their_base(cach
     uninterrupted = tmp_path / "uninterrupted"
     assert run_cli(args(uninterrupted), cache_dir).wait(timeout=600) == 0
     killed = tmp_path / "killed"
-    proc = run_cli(args(killed), cache_dir)
-    assert kill_after(proc, killed, after_step=7) == -signal.SIGKILL
+    assert start_and_stop(killed, cache_dir, signal.SIGKILL, after_step=7, args=args(killed)) == -signal.SIGKILL
     assert run_cli(args(killed), cache_dir).wait(timeout=600) == 0
     assert read_metrics(killed / "metrics.jsonl") == read_metrics(uninterrupted / "metrics.jsonl")
 

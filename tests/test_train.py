@@ -104,9 +104,10 @@ def uninterrupted_run(cache_dir, tmp_path_factory):
     return read_metrics(workdir / "metrics.jsonl")
 
 
-def start_and_stop(workdir, cache_dir, sig, after_step):
-    """Starts the run, sends `sig` once metrics of `after_step` are written; returns the exit code."""
-    proc = run_cli(cli_args(workdir, cache_dir), cache_dir)
+def start_and_stop(workdir, cache_dir, sig, after_step, args=None):
+    """Starts the run (`cli_args`, or the command line `args`), sends `sig` once metrics of
+    `after_step` are written; returns the exit code."""
+    proc = run_cli(args or cli_args(workdir, cache_dir), cache_dir)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         rows = read_metrics(workdir / "metrics.jsonl") if (workdir / "metrics.jsonl").exists() else []
