@@ -307,12 +307,15 @@ def policy_logps(inputs: LossInputs, *sets: Samples) -> list[jax.Array]:
     pass: [B, S_1], [B, S_2], ...
 
     The sets are joined along the samples axis, so each prompt is run once for all of them and the
-    backward pass makes one gradient contribution per weight instead of one per set. Only what a
-    log-prob pass reads is joined (tokens and masks): the sets' other fields may differ in which
-    are filled (a policy set has ref_logp, a Best-of-N pick of anchor samples anchor_logp).
+    backward pass makes one gradient contribution per weight instead of one per set. A field is
+    joined where every set has it, and None where one lacks it: the sets may differ in which fixed
+    log-probs are filled (a policy set has ref_logp, a Best-of-N pick of anchor samples anchor_logp).
     """
-    join = lambda field: jnp.concatenate([getattr(s, field) for s in sets], axis=1)
-    joined = Samples(join("tokens"), join("attention_mask"), join("response_mask"), None, None, None, None)
+    def join(field: str):
+        values = [getattr(s, field) for s in sets]
+        return None if any(v is None for v in values) else jnp.concatenate(values, axis=1)
+
+    joined = Samples(*(join(field) for field in Samples._fields))
     logp = inputs.policy_logp(joined)
     bounds = list(itertools.accumulate(s.tokens.shape[1] for s in sets))[:-1]
     return jnp.split(logp, bounds, axis=1)

@@ -327,7 +327,7 @@ def test_fault_cli_mistakes_end_in_one_line_and_exit_status_2(tmp_path):
     file.write_text("")
     cases = {
         "misspelled field": ([f"--config={J_BOND}:quick", "--config.nonexistent=1"], "no field config.nonexistent"),
-        "unknown variant": ([f"--config={J_BOND}:nosuchvariant"], "['quick', 'synthetic']"),
+        "unknown variant": ([f"--config={J_BOND}:nosuchvariant"], "['lora', 'quick', 'synthetic']"),
         "missing config file": ([f"--config={ROOT / 'configs' / 'nope.py'}"], "there is no config file"),
         "bad type": ([f"--config={J_BOND}:quick", "--config.steps=abc"], "config.steps takes an int"),
         "unwritable workdir": ([f"--config={J_BOND}:quick", f"--workdir={file / 'run'}"], "cannot be written"),
