@@ -191,7 +191,11 @@ def compile_sampler(context, count: int):
         def draw(params, prompts, mask, key):
             return sample_responses(setup, params, prompts, mask, key, count)
         weights, weight_shardings = (context.fixed.reference,), (context.shardings.fixed.reference,)
-    sample = sharding.jit_sharded(draw, in_shardings=weight_shardings + data_shardings, out_shardings=None)
+    # Traced under the mesh, as the step traces its sampler: rows split over the batch axes, decode
+    # weights gathered once (`constrain_batch`, `gather_for_decoding` act only under a mesh).
+    split = context.shardings.batch.prompts == sharding.batch_sharding(setup.mesh)
+    sample = sharding.jit_sharded(draw, in_shardings=weight_shardings + data_shardings, out_shardings=None,
+                                  activation_mesh=setup.mesh if split else None)
     return sample.lower(*weights, *data).compile()
 
 

@@ -141,3 +141,21 @@ def test_hlo_largest_buffers_and_loop_collectives_of_a_compiled_program():
     assert hlo.loop_collective_bytes(texts[True]) < 256 * 256 * 4 / 8
     biggest = hlo.largest_buffers(texts[True], count=1)[0]
     assert biggest["array"] == "f32[256,256]" and biggest["gib"] == pytest.approx(256 * 256 * 4 / 2**30, abs=1e-3)
+
+
+def test_dry_run_sampler_splits_its_rows_as_the_step_does():
+    """The dry run's sampler program is traced under the run's mesh, like the sampler inside the
+    step: on 4 devices with mesh (1, 4, 1) each holds a quarter of the rows (8 prompts × 3 samples →
+    6 rows in the decode loop) and, its weights gathered once, the decode loop moves no bytes."""
+    import re
+
+    from bond.context import build_context
+
+    config = load_config(TINY)
+    config.update(mesh_shape=(1, 4, 1), batch_size=8, num_devices=4)
+    context = build_context(config, lambda *_: None, abstract=True, devices=jax.devices()[:4])
+    text = dry_run.compile_sampler(context, 3).as_text()
+    rows = {int(m.group(1)) for line in text.splitlines() if "mlp/fc_in/dot_general" in line
+            for m in [re.search(r"= \w+\[(\d+),\d+,\d+\]", line)] if m}
+    assert rows == {2, 6}  # the prefill's 8 prompts and the decode loop's 24 rows, each over 4 devices
+    assert hlo.decode_loop_collective_bytes(text) == 0
