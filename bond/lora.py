@@ -27,13 +27,10 @@ the same 'params' subtrees as the base under generated names; here the tree spli
 
 from __future__ import annotations
 
-import json
-import zlib
-
 import jax
 import jax.numpy as jnp
 
-from bond.checkpoint import fingerprints
+from bond.checkpoint import content_crc
 from bond.models.transformer import LORA_TARGETS, TransformerConfig, init_params, param_logical_axes
 
 INIT_KEY = 0  # the PRNG key the adapters' A matrices are drawn from (B starts at 0)
@@ -55,9 +52,9 @@ def targets_of(spec: str, gated_mlp: bool) -> tuple[str, ...]:
     return names
 
 
-def is_adapter_path(path: tuple) -> bool:
-    """Whether a parameter's key path lies inside a LoRA adapter (a key containing 'lora')."""
-    return any("lora" in str(getattr(k, "key", k)) for k in path)
+def _is_adapter_key(key) -> bool:
+    """Whether a parameter-tree key holds an adapter subtree ('lora' in attention modules, '<dense>_lora' in the MLP)."""
+    return "lora" in str(key)
 
 
 def _split(tree, keep_adapters: bool):
@@ -66,7 +63,7 @@ def _split(tree, keep_adapters: bool):
         return tree
     out = {}
     for key, value in tree.items():
-        if "lora" in str(key):
+        if _is_adapter_key(key):
             if keep_adapters:
                 out[key] = value
             continue
@@ -98,7 +95,7 @@ def with_adapters(base, adapters) -> dict:
                          "belong to another model.")
     out = dict(base)
     for key, value in adapters.items():
-        if "lora" in str(key):
+        if _is_adapter_key(key):
             out[key] = value
         elif key not in base:
             raise ValueError(f"with_adapters: the base has no module {key!r} for these adapters; they belong "
@@ -122,9 +119,9 @@ def merged(config: TransformerConfig, params) -> dict:
     def fold(tree):
         if not isinstance(tree, dict):
             return tree
-        out = {k: fold(v) for k, v in tree.items() if "lora" not in str(k)}
+        out = {k: fold(v) for k, v in tree.items() if not _is_adapter_key(k)}
         for key, adapter in tree.items():
-            if "lora" not in str(key):
+            if not _is_adapter_key(key):
                 continue
             owner = out if key == "lora" else out[key.removesuffix("_lora")]  # query/lora or mlp/fc_in_lora
             kernel = owner["kernel"]
@@ -143,16 +140,10 @@ def logical_axes(config: TransformerConfig, params) -> dict:
 
 
 def base_id(base) -> str:
-    """An identifier of a base's weights: a CRC of every array's path, shape, dtype and byte
-    fingerprint (`bond.checkpoint.fingerprints`). A LoRA run records it with each checkpoint, since
+    """An identifier of a base's weights: the CRC of every array's path, shape, dtype and byte
+    fingerprint (`bond.checkpoint.content_crc`). A LoRA run records it with each checkpoint, since
     adapters mean nothing on another base."""
-    prints = fingerprints(base)
-    shapes = {path: [list(x.shape), str(x.dtype)] for path, x in _with_paths(base)}
-    return f"{zlib.crc32(json.dumps([prints, shapes], sort_keys=True).encode()):08x}"
-
-
-def _with_paths(tree):
-    return [("/".join(str(getattr(k, "key", k)) for k in path), x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    return f"{content_crc(base):08x}"
 
 
 def check_same_base(saved: dict | None, current: str | None, where: str) -> None:

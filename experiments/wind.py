@@ -322,13 +322,12 @@ def first_crossing(x: ArrayLike, values: ArrayLike, target: float) -> float | No
 
 
 def crossing_value(x: ArrayLike, y: ArrayLike, x0: float) -> float:
-    """y where x first reaches x0, interpolated linearly between the two evaluations around it."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    i = int(np.flatnonzero(x >= x0)[0])
-    if i == 0:
-        return float(y[0])
-    frac = (x0 - x[i - 1]) / (x[i] - x[i - 1])
-    return float(y[i - 1] + frac * (y[i] - y[i - 1]))
+    """y where x first reaches x0, interpolated linearly between the two evaluations around it (x
+    must reach x0)."""
+    x = np.asarray(x, np.float64)
+    if not np.any(x >= x0):
+        raise ValueError(f"the curve never reaches {x0}")
+    return float(truncated_at(x, x0, y)[0][-1])
 
 
 def truncated_at(x: ArrayLike, limit: float, *series: ArrayLike) -> list[np.ndarray]:
