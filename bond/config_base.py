@@ -109,8 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
             # Rematerialize each transformer block in the backward pass: 'none' keeps every activation,
             # 'dots_saveable' keeps only matmul outputs, 'nothing_saveable' recomputes the whole block.
             remat="none",
-            # Split each step's prompts into this many micro-batches for the log-prob passes and the
-            # gradient (accumulated; the loss's batch statistics stay the full batch's). Must divide batch_size.
+            # Split each step's prompts into this many micro-batches for sampling, scoring, the log-prob
+            # passes and the gradient (accumulated; the samples and the loss's batch statistics stay the
+            # full batch's). Must divide batch_size.
             micro_batches=1,
             # Response log-probs over chunks of this many vocabulary entries, never materializing the
             # [B, T, V] float32 logits (0 = one pass over the whole vocabulary).

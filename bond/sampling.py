@@ -126,7 +126,7 @@ def _is_int(x) -> bool:
 
 
 def _validate(config, prompts, prompt_mask, temperature, top_p, num_samples, max_new_tokens, top_k, eos_id,
-              min_new_tokens) -> None:
+              min_new_tokens, micro_batches=1) -> None:
     if prompts.ndim != 2 or not jnp.issubdtype(prompts.dtype, jnp.integer):
         raise ValueError(
             f"prompts must be an int array [batch, prompt_len], got shape {prompts.shape} dtype {prompts.dtype}."
@@ -141,6 +141,9 @@ def _validate(config, prompts, prompt_mask, temperature, top_p, num_samples, max
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}.")
     if min_new_tokens > max_new_tokens:
         raise ValueError(f"min_new_tokens ({min_new_tokens}) must be <= max_new_tokens ({max_new_tokens}).")
+    if not _is_int(micro_batches) or micro_batches < 1 or prompts.shape[0] % micro_batches:
+        raise ValueError(f"micro_batches must be an int >= 1 dividing the {prompts.shape[0]} prompts, "
+                         f"got {micro_batches!r}.")
     if top_k > config.vocab_size:
         raise ValueError(f"top_k ({top_k}) must be <= vocab_size ({config.vocab_size}); use 0 to disable.")
     if eos_id >= config.vocab_size:
@@ -184,6 +187,7 @@ def sample(
     eos_id: int = 0,
     min_new_tokens: int = 0,
     decode_weights: str = "auto",
+    micro_batches: int = 1,
 ) -> SampleOutput:
     """Draw `num_samples` completions of up to `max_new_tokens` tokens for each prompt.
 
@@ -203,6 +207,9 @@ def sample(
       min_new_tokens: EOS is masked for the first min_new_tokens tokens (static).
       decode_weights: where the weights live while decoding under a mesh set in context
         (`sharding.gather_for_decoding`: 'auto', 'fsdp' or 'gathered'; static).
+      micro_batches: decode the prompts in this many strided groups in turn (lax.map), so that the
+        KV cache and activations are those of B/micro_batches prompts; each row keeps its uniforms,
+        so the samples are the same for every count (static; must divide B).
 
     Returns:
       SampleOutput with [B, N, ...] arrays (see its docstring).
@@ -210,25 +217,41 @@ def sample(
     config = as_transformer(model).config
     prompts, prompt_mask = jnp.asarray(prompts), jnp.asarray(prompt_mask)
     _validate(config, prompts, prompt_mask, temperature, top_p, num_samples, max_new_tokens, top_k, eos_id,
-              min_new_tokens)
+              min_new_tokens, micro_batches)
     return _sample_jit(
         config, params, prompts.astype(jnp.int32), prompt_mask.astype(jnp.int32), key,
         jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
         num_samples=num_samples, max_new_tokens=max_new_tokens, top_k=top_k, eos_id=eos_id,
-        min_new_tokens=min_new_tokens, decode_weights=decode_weights,
+        min_new_tokens=min_new_tokens, decode_weights=decode_weights, micro_batches=micro_batches,
     )
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "num_samples", "max_new_tokens", "top_k", "eos_id", "min_new_tokens", "decode_weights"),
+    static_argnames=("config", "num_samples", "max_new_tokens", "top_k", "eos_id", "min_new_tokens", "decode_weights",
+                     "micro_batches"),
 )
 def _sample_jit(config, params, prompts, prompt_mask, key, temperature, top_p, *, num_samples, max_new_tokens,
-                top_k, eos_id, min_new_tokens, decode_weights="auto") -> SampleOutput:
-    module = Transformer(config)
+                top_k, eos_id, min_new_tokens, decode_weights="auto", micro_batches=1) -> SampleOutput:
     params = sharding.gather_for_decoding(params, lora.logical_axes(config, params), decode_weights)
+    # All randomness is drawn up front: one uniform per sequence and step, [B, N, L] (row b·N + n).
+    uniforms = jax.random.uniform(key, (max_new_tokens, prompts.shape[0] * num_samples), jnp.float32)
+    uniforms = uniforms.T.reshape(prompts.shape[0], num_samples, max_new_tokens)
+
+    def decode_group(group):
+        return _decode(config, params, *group, temperature, top_p, num_samples=num_samples,
+                       max_new_tokens=max_new_tokens, top_k=top_k, eos_id=eos_id, min_new_tokens=min_new_tokens)
+
+    return sharding.map_micro_batches(decode_group, (prompts, prompt_mask, uniforms), micro_batches)
+
+
+def _decode(config, params, prompts, prompt_mask, uniforms, temperature, top_p, *, num_samples, max_new_tokens,
+            top_k, eos_id, min_new_tokens) -> SampleOutput:
+    """Prefill and decode loop of `sample` for B prompts, with `uniforms` [B, N, L] the draws' uniforms."""
+    module = Transformer(config)
     batch, prompt_len = prompts.shape
     num_rows = batch * num_samples
+    uniforms = uniforms.reshape(num_rows, max_new_tokens).T  # [L, rows]
     vocab_ids = jnp.arange(config.vocab_size)
     repeat = lambda x: sharding.constrain_batch(jnp.repeat(x, num_samples, axis=0))  # [B·N, ...] rows
 
@@ -244,9 +267,6 @@ def _sample_jit(config, params, prompts, prompt_mask, key, temperature, top_p, *
     cache = jax.tree_util.tree_map(lambda x: jnp.pad(repeat(x), new_slots), prompt_cache)
     key_mask = repeat(jnp.pad(prompt_mask, ((0, 0), (0, max_new_tokens - 1)), constant_values=1))
     first_position = repeat(jnp.sum(prompt_mask, axis=1))  # position of response token 0
-
-    # All randomness is drawn up front: one uniform per sequence and step.
-    uniforms = jax.random.uniform(key, (max_new_tokens, num_rows), jnp.float32)
 
     def draw(step, step_logits, done):
         """Token `step` of every row ([num_rows]) and its log-probability; PAD and 0 once done."""

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -363,6 +364,34 @@ def constrain_batch(tree: Any, rules: Rules = RULES) -> Any:
         return jax.lax.with_sharding_constraint(x, spec)
 
     return jax.tree.map(constrain, tree)
+
+
+def split_micro_batches(tree: Any, count: int) -> Any:
+    """Leaves [B, ...] → [count, B/count, ...], micro-batch m holding rows m, m + count, m + 2·count, ...
+
+    Strided rather than contiguous: the batch axis is split over devices in contiguous blocks, so
+    every micro-batch keeps B/(count·D) rows on each of the D devices instead of living on a few."""
+    def split(x):
+        rows = x.shape[0]
+        if rows % count:
+            raise ValueError(f"config.memory.micro_batches={count} does not divide the step's {rows} prompts; "
+                             f"set it to a divisor of {rows}.")
+        return jnp.swapaxes(x.reshape((rows // count, count) + x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, tree)
+
+
+def join_micro_batches(tree: Any) -> Any:
+    """The inverse of `split_micro_batches`: leaves [count, B/count, ...] → [B, ...] in the original row order."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), tree)
+
+
+def map_micro_batches(fn: Callable[[Any], Any], tree: Any, count: int) -> Any:
+    """fn over `count` strided micro-batches of `tree`'s rows in turn (lax.map), joined back in
+    row order: fn(tree) for row-wise fn, holding one micro-batch's intermediates at a time."""
+    if count == 1:
+        return fn(tree)
+    return join_micro_batches(jax.lax.map(fn, split_micro_batches(tree, count)))
 
 
 DECODE_WEIGHTS = ("auto", "fsdp", "gathered")

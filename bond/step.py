@@ -27,8 +27,9 @@ to the model's parameter dtype for sampling, the log-prob passes and the loss gr
 respect to that low-precision copy: one copy serves all three, and the gradient tree is the copy's
 size, not float32's), and the Adam and EMA updates are float32. A float32 model runs unchanged.
 
-Micro-batches (config.memory.micro_batches = M): the fixed log-prob passes run over M strided
-micro-batches of the prompts in turn, and so does the gradient, without changing the loss: the
+Micro-batches (config.memory.micro_batches = M): sampling (each row keeps its uniforms, so the
+samples do not change), scoring and the fixed log-prob passes run over M strided micro-batches of
+the prompts in turn, and so does the gradient, without changing the loss: the
 loss is first evaluated on stop-gradient policy log-probs (computed micro-batched), its gradient
 with respect to those log-prob arrays is taken on the whole batch, so baselines, normalizers and
 batch means are the full batch's, and ∇θ is then the sum over micro-batches of the log-prob passes'
@@ -246,12 +247,14 @@ def is_plain_sampling(config) -> bool:
 
 
 def sample_responses(setup: Setup, params, prompts, prompt_mask, key, count: int) -> SampleOutput:
-    """Phase 1: `count` responses per prompt from `params` through the compiled sampler: [B, count, T]."""
+    """Phase 1: `count` responses per prompt from `params` through the compiled sampler: [B, count, T]
+    (decoded over the step's micro-batches of prompts in turn; the same samples for any count)."""
     c = setup.config
     return sample(
         setup.model, params, prompts, prompt_mask, key, num_samples=count,
         max_new_tokens=setup.task.max_response_length, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p,
         eos_id=setup.task.eos_id, min_new_tokens=c.min_new_tokens, decode_weights=c.memory.decode_weights,
+        micro_batches=micro_batch_count(setup),
     )
 
 
@@ -261,8 +264,12 @@ def reward_params(judges) -> Any:
 
 
 def score(setup: Setup, judges, out: SampleOutput) -> jax.Array:
-    """Phase 2: the reward judge's r(x, y) of every response: [B, S]."""
-    return setup.reward_fn(reward_params(judges), response_rows(out)).reshape(out.tokens.shape[:2])
+    """Phase 2: the reward judge's r(x, y) of every response: [B, S] (over the step's micro-batches
+    of prompts in turn)."""
+    def score_rows(part: SampleOutput) -> jax.Array:
+        return setup.reward_fn(reward_params(judges), response_rows(part)).reshape(part.tokens.shape[:2])
+
+    return sharding.map_micro_batches(score_rows, out, micro_batch_count(setup))
 
 
 def policy_logprobs(setup: Setup, params, samples: Samples, prompt_length: int) -> jax.Array:
@@ -279,26 +286,6 @@ def micro_batch_count(setup: Setup) -> int:
     return int(setup.config.memory.micro_batches)
 
 
-def split_micro_batches(tree, count: int):
-    """Leaves [B, ...] → [count, B/count, ...], micro-batch m holding rows m, m + count, m + 2·count, ...
-
-    Strided rather than contiguous: the batch axis is split over devices in contiguous blocks, so
-    every micro-batch keeps B/(count·D) rows on each of the D devices instead of living on a few."""
-    def split(x):
-        rows = x.shape[0]
-        if rows % count:
-            raise ValueError(f"config.memory.micro_batches={count} does not divide the step's {rows} prompts; "
-                             f"set it to a divisor of {rows}.")
-        return jnp.swapaxes(x.reshape((rows // count, count) + x.shape[1:]), 0, 1)
-
-    return jax.tree.map(split, tree)
-
-
-def join_micro_batches(tree):
-    """The inverse of `split_micro_batches`: leaves [count, B/count, ...] → [B, ...] in the original row order."""
-    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:]), tree)
-
-
 def sequences(samples: Samples) -> Samples:
     """`samples` with only what a log-prob pass reads (tokens and masks); the other fields None."""
     return Samples(samples.tokens, samples.attention_mask, samples.response_mask, None, None, None, None)
@@ -307,10 +294,8 @@ def sequences(samples: Samples) -> Samples:
 def micro_batched_logprobs(setup: Setup, params, samples: Samples, prompt_length: int, micro_batches: int = 1):
     """`policy_logprobs` [B, S] computed over `micro_batches` strided micro-batches of the prompts
     in turn (lax.map), so that one pass holds the activations of B/micro_batches prompts only."""
-    if micro_batches == 1:
-        return policy_logprobs(setup, params, samples, prompt_length)
-    parts = split_micro_batches(sequences(samples), micro_batches)
-    return join_micro_batches(jax.lax.map(lambda part: policy_logprobs(setup, params, part, prompt_length), parts))
+    return sharding.map_micro_batches(lambda part: policy_logprobs(setup, params, part, prompt_length),
+                                      sequences(samples), micro_batches)
 
 
 def fixed_logprobs(setup: Setup, samples: Samples, source: str, logp_params: dict[str, Any],
@@ -446,7 +431,7 @@ def micro_batched_loss_and_grad(setup: Setup, params, loss_of: Callable, prompt_
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), params)
     if not calls:  # a loss without policy log-probs has no gradient
         return (loss, metrics), zeros
-    grads, _ = jax.lax.scan(accumulate, zeros, split_micro_batches((recorded_sets, cotangents), micro_batches))
+    grads, _ = jax.lax.scan(accumulate, zeros, sharding.split_micro_batches((recorded_sets, cotangents), micro_batches))
     return (loss, metrics), grads
 
 

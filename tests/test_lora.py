@@ -95,8 +95,8 @@ def test_lora_merged_export_loads_with_the_adapted_logits(tmp_path):
     loaded_config, loaded = load_pretrained(tmp_path / "merged", dtype="float32")
     np.testing.assert_allclose(np.asarray(logits(loaded_config, loaded, tokens, mask)), expected, atol=1e-5)
 
-    torch = pytest.importorskip("torch", reason="the HF cross-check needs torch (not in the test extra)")
-    transformers = pytest.importorskip("transformers", reason="the HF cross-check needs transformers")
+    torch = pytest.importorskip("torch", reason="the HF cross-check needs torch: pip install -e '.[bench]'")
+    transformers = pytest.importorskip("transformers", reason="the HF cross-check needs transformers: pip install -e '.[bench]'")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32,
                                                               attn_implementation="eager")
     with torch.no_grad():

@@ -1,6 +1,7 @@
-"""Micro-batching (config.memory.micro_batches, bond/step.py): the log-prob passes and the gradient
-run over micro-batches of the prompts while the loss keeps the whole batch's statistics, so the
-step's loss, metrics and gradient are those of one pass over the batch (up to float rounding).
+"""Micro-batching (config.memory.micro_batches, bond/step.py): sampling, scoring, the log-prob passes
+and the gradient run over micro-batches of the prompts while the samples and the loss's statistics
+stay the whole batch's, so the step's samples, loss, metrics and gradient are those of one pass over
+the batch (up to float rounding).
 
 The algorithms compared are registered losses that read statistics beyond one sample: RLOO's
 leave-one-out baseline (reinforce), GDC++'s normalizer Ẑ (a mean over the whole batch at the first
@@ -22,10 +23,8 @@ from bond.algorithms import Drawn, Samples
 from bond.config_base import base_config
 from bond.context import make_setup
 from bond.models import init_params
-from bond.step import (
-    Batch, Fixed, init_state, join_micro_batches, loss_and_grad, make_train_step, micro_batched_logprobs,
-    split_micro_batches, traced_inputs,
-)
+from bond.sharding import join_micro_batches, split_micro_batches
+from bond.step import Batch, Fixed, init_state, loss_and_grad, make_train_step, micro_batched_logprobs, traced_inputs
 from bond.validation import ConfigError, validate
 
 BATCH = 8

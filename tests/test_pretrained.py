@@ -142,8 +142,8 @@ def test_bfloat16_loading_and_round_trip(tmp_path):
 
 
 def test_saved_folder_loads_in_transformers(loaded, tmp_path):
-    torch = pytest.importorskip("torch", reason="the HF cross-check needs torch (not in the test extra)")
-    transformers = pytest.importorskip("transformers", reason="the HF cross-check needs transformers")
+    torch = pytest.importorskip("torch", reason="the HF cross-check needs torch: pip install -e '.[bench]'")
+    transformers = pytest.importorskip("transformers", reason="the HF cross-check needs transformers: pip install -e '.[bench]'")
     for name in ("llama", "gemma"):
         config, params = loaded[name]
         save_pretrained(config, params, tmp_path / name)
@@ -319,7 +319,7 @@ def test_llama3_rope_frequencies():
 
 
 def test_llama3_rope_frequencies_match_transformers():
-    transformers = pytest.importorskip("transformers", reason="the HF cross-check needs transformers")
+    transformers = pytest.importorskip("transformers", reason="the HF cross-check needs transformers: pip install -e '.[bench]'")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     reference, _ = ROPE_INIT_FUNCTIONS["llama3"](transformers.LlamaConfig(**LLAMA31_CONFIG), "cpu")

@@ -185,6 +185,17 @@ def test_same_key_same_samples_different_key_different(enum_params, enum_samples
     assert len({tuple(r) for r in np.asarray(enum_samples.tokens[0])}) > 20
 
 
+def test_micro_batched_sampling_draws_the_same_samples(params, tiny_samples):
+    """Decoding the prompts one at a time (micro_batches = B) keeps each row's uniforms: the same
+    tokens, masks and lengths as decoding them together, log-probs to float rounding."""
+    grouped = sample(TINY, params, PROMPTS, PROMPT_MASK, jax.random.key(3), temperature=0.8, micro_batches=3,
+                     **TINY_OPTIONS)
+    for field in ("tokens", "attention_mask", "response_mask", "lengths"):
+        np.testing.assert_array_equal(getattr(grouped, field), getattr(tiny_samples, field), err_msg=field)
+    np.testing.assert_allclose(grouped.logprobs, tiny_samples.logprobs, rtol=1e-5, atol=1e-6)
+    assert len({tuple(r) for r in np.asarray(grouped.tokens).reshape(-1, grouped.tokens.shape[-1])}) > 3
+
+
 def test_temperature_and_top_p_sweeps_do_not_recompile(enum_params, enum_samples):
     compiled = sampling._sample_jit._cache_size()
     for temperature, top_p in [(0.5, 1.0), (1.3, 0.9), (2.0, 0.3)]:
@@ -263,3 +274,5 @@ def test_bad_arguments_raise_value_error(params):
         call(min_new_tokens=5)
     with pytest.raises(ValueError, match="prompt_mask"):
         call(mask=PROMPT_MASK[:, 1:])
+    with pytest.raises(ValueError, match="micro_batches"):
+        call(micro_batches=2)  # does not divide the 3 prompts
