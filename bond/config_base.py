@@ -202,12 +202,13 @@ def apply_args(c: ml_collections.ConfigDict, arg: str | None, variants: dict | N
     """Applies a config file's argument: comma-separated variant names, `quick` among them.
 
     `configs/wind.py:kl,quick` → the 'kl' variant of configs/wind.py with the quick budget;
-    every config also accepts `synthetic` (the larger task with a proxy reward model) and `lora`.
+    every config also accepts `synthetic` (the larger task with a proxy reward model) and `lora`
+    (`lora` above, unless the config's `variants` give their own, e.g. sized for its hardware).
     """
     variants = dict(variants or {})
     variants["quick"] = quick
     variants["synthetic"] = synthetic
-    variants["lora"] = lora
+    variants.setdefault("lora", lora)
     for name in [a for a in (arg or "").split(",") if a]:
         if name not in variants:
             raise ValueError(f"unknown config argument {name!r}; this config accepts {sorted(variants)}.")

@@ -15,7 +15,9 @@ JSON line per program with what the compiler reports per chip:
     peak_gib           arguments + outputs − aliased + temporaries: what the chip must hold
     hbm_gib            the chip's memory (TPU: its HBM as XLA sees it; local: the device's limit)
     fits               peak_gib <= hbm_gib
-    flops              XLA's count per chip with every loop body counted once (`cost_analysis()`)
+    flops              XLA's count per chip (`cost_analysis()`), which counts every loop body once,
+                       times memory.micro_batches M: with M > 1 every model pass (sampling, scoring,
+                       log-prob passes, gradient) runs in a loop over the M micro-batches
     decode_flops       the decode loops' other iterations, estimated as 2·(matmul parameters) per
                        decoded token per row (the loop body is one token of the model)
     seconds_at_peak    (flops + decode_flops) / the chip's peak bf16 FLOP/s: a roofline lower bound
@@ -238,7 +240,9 @@ def report(program: str, compiled, context, chip: Optional[Chip], topology: Opti
     hbm = chip.hbm_gib if chip else local_hbm_gib(devices[0])
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", 0.0))
+    from bond.step import micro_batch_count
+
+    flops = float(cost.get("flops", 0.0)) * micro_batch_count(context.setup)
     decode = decode_loop_flops(context.setup, sample_counts, len(devices))
     text = compiled.as_text()
     return {

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bond import lora, population, train
+from bond import config_base, lora, population, train
 from bond.checkpoint import Checkpointer, abstract_like
 from bond.config_base import load_config
 from bond.context import build_context
@@ -184,8 +184,14 @@ def test_lora_population_member_equals_its_separate_run(cache_dir, tmp_path):
 
 
 def test_lora_config_variant_combines_with_the_others():
+    """`lora` is rank 16 on every projection wherever it is given; the Gemma J-BOND config's own
+    `lora` also lays the run out for one host (tensor parallel, 4 micro-batches), the others keep theirs."""
     c = load_config(f"{ROOT / 'configs' / 'pretrained' / 'j_bond_gemma.py'}:gemma_7b,lora")
     assert (c.lora.rank, c.lora.alpha, c.lora.targets, c.batch_size) == (16, 32.0, "all", 128)
+    assert (tuple(c.mesh_shape), c.memory.micro_batches) == ((1, 1, -1), 4)
+    toy, toy_lora = (load_config(f"{ROOT / 'configs' / 'j_bond.py'}{arg}") for arg in ("", ":lora"))
+    assert (toy_lora.lora.rank, toy_lora.lora.alpha) == (16, 32.0)
+    assert (toy_lora.mesh_shape, toy_lora.memory) == (toy.mesh_shape, toy.memory)
 
 
 def test_lora_dry_run_holds_the_adapters_as_its_state(cache_dir):
@@ -195,7 +201,8 @@ def test_lora_dry_run_holds_the_adapters_as_its_state(cache_dir):
     from bond import dry_run
 
     spec = f"{ROOT / 'configs' / 'pretrained' / 'j_bond_gemma.py'}:tiny"
-    full, adapted = (dry_run.dry_run(load_config(spec + extra), log=QUIET) for extra in ("", ",lora"))
+    # The generic variant keeps full fine-tuning's layout, so that per-device bytes compare.
+    full, adapted = (dry_run.dry_run(c, log=QUIET) for c in (load_config(spec), config_base.lora(load_config(spec))))
     step = {line["program"]: line for line in full}, {line["program"]: line for line in adapted}
     assert all(line["fits"] for line in full + adapted)
     assert step[1]["train_step"]["output_gib"] < 0.5 * step[0]["train_step"]["output_gib"]

@@ -39,7 +39,7 @@ ahead of time without any file (README "Scaling to real models"):
 
 from pathlib import Path
 
-from bond.config_base import apply_args, at_model_scale, base_config, pretrained_smoke_run
+from bond.config_base import apply_args, at_model_scale, base_config, lora, pretrained_smoke_run
 
 FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "pretrained"
 TINY_PROMPTS = [
@@ -58,6 +58,19 @@ def tiny(c):
     """The test fixtures, a few steps, small lengths: a smoke run of the whole path."""
     return pretrained_smoke_run(
         c, TINY_PROMPTS, policy_path=str(FIXTURES / "llama"), reward_path=str(FIXTURES / "llama_reward"))
+
+
+def lora_on_one_host(c):
+    """LoRA of rank 16 on every projection (`bond.config_base.lora`), laid out for one host of 16 GiB
+    chips (a v5e-8): with the base frozen there is no optimizer state to split, so every weight is
+    split over the host's chips by tensor parallelism (mesh (1, 1, all)), none is ever gathered (the
+    FSDP layout gathers each layer's weights at every decoded token, and XLA holds all of them at
+    once: measured, benchmarks/README.md), and sampling, scoring, log-prob passes and gradient run
+    over 4 micro-batches of the prompts. `gemma_7b,lora --config.batch_size=64` fits a v5e-8."""
+    lora(c)
+    c.mesh_shape = (1, 1, -1)
+    c.memory.micro_batches = 4
+    return c
 
 
 def get_config(arg: str | None = None):
@@ -91,4 +104,5 @@ def get_config(arg: str | None = None):
         "tiny": tiny,
         "gemma_2b": lambda c: at_model_scale(c, "gemma_2b", batch_size=64, judges=("reward_path",)),
         "gemma_7b": lambda c: at_model_scale(c, "gemma_7b", batch_size=128, judges=("reward_path",)),  # the paper's batch
+        "lora": lora_on_one_host,
     })
