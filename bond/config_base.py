@@ -117,7 +117,7 @@ def base_config() -> ml_collections.ConfigDict:
             # [B, T, V] float32 logits (0 = one pass over the whole vocabulary).
             logprob_vocab_chunk=0,
             # Where the sampler's weights live while decoding: 'fsdp' as trained (gathered at every
-            # token; XLA gathers all layers at once, so it holds no less than 'gathered'), 'gathered'
+            # token; for Gemma-7B on a v5e-8 XLA gathered all layers at once: no less than 'gathered'), 'gathered'
             # collected once per sampling call over the batch axes (tensor split kept), 'auto' =
             # 'gathered' when the mesh has an fsdp axis > 1. Weights that must stay split while
             # decoding need tensor parallelism instead (mesh (1, 1, -1); configs/pretrained/j_bond_gemma.py's lora).
