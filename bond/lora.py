@@ -146,11 +146,18 @@ def base_id(base) -> str:
     return f"{content_crc(base):08x}"
 
 
-def check_same_base(saved: dict | None, current: str | None, where: str) -> None:
-    """Raises when the checkpoint's metadata `saved` names a LoRA base other than `current` (or none)."""
-    if current is None:
+def checkpoint_meta(config: TransformerConfig, base) -> dict | None:
+    """What a run's checkpoints record about the weights they need: in a LoRA run the base its
+    adapters adapt, {'lora_base': `base_id`(base)}; None for full fine-tuning."""
+    return {"lora_base": base_id(base)} if adapted(config) else None
+
+
+def check_same_base(saved: dict | None, meta: dict | None, where: str) -> None:
+    """Raises when a checkpoint's metadata `saved` names a LoRA base other than this run's
+    (`checkpoint_meta`; nothing to check when that is None)."""
+    if meta is None:
         return
-    recorded = (saved or {}).get("lora_base")
+    recorded, current = (saved or {}).get("lora_base"), meta["lora_base"]
     if recorded != current:
         raise ValueError(
             f"{where}: the checkpoint's adapters belong to base {recorded!r}, but this run's base (the reference "

@@ -289,12 +289,11 @@ def run_population(
         members.append(_Member(config, workdir, MetricWriter.for_run(workdir, config), checkpointer, None))
 
     abstract = abstract_like(context.state, context.shardings.state)
-    base = lora.base_id(context.fixed.reference) if lora.adapted(setup.model) else None
-    meta = None if base is None else {"lora_base": base}  # what a LoRA run's adapters adapt (bond/train.py)
+    meta = lora.checkpoint_meta(setup.model, context.fixed.reference)  # what a LoRA run's adapters adapt
     start, restored, metas = restore_newest_common([m.checkpointer for m in members], abstract, log) or (0, None, None)
     if start:
         for m, saved in zip(members, metas):
-            lora.check_same_base(saved, base, str(m.workdir / "checkpoints"))
+            lora.check_same_base(saved, meta, str(m.workdir / "checkpoints"))
         state = stack_trees(pad_members(restored, size))
         log(f"Resumed {len(members)} members from their checkpoints at step {start}")
     else:

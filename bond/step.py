@@ -200,11 +200,15 @@ def init_state(setup: Setup, ref_params) -> TrainState:
     )
 
 
+def trained_part(setup: Setup, tree):
+    """The part of a model-shaped tree (parameters, their shapes or logical axes) that a run trains:
+    all of it, or its adapters alone in a LoRA run."""
+    return lora.adapters_of(tree) if lora.adapted(setup.model) else tree
+
+
 def trained_logical_axes(setup: Setup):
-    """The logical axes of the weights a run trains: the model's (`param_logical_axes`), or its
-    adapters' alone in a LoRA run."""
-    axes = param_logical_axes(setup.model)
-    return lora.adapters_of(axes) if lora.adapted(setup.model) else axes
+    """The logical axes of the weights a run trains (`trained_part` of `param_logical_axes`)."""
+    return trained_part(setup, param_logical_axes(setup.model))
 
 
 def model_params(setup: Setup, trained, base):

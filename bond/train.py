@@ -57,12 +57,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, log: Callable[[s
     checkpointer = Checkpointer(workdir / "checkpoints", keep=c.checkpoint.keep)
     writer = MetricWriter.for_run(workdir, c)
     # A LoRA run's checkpoints hold adapters: each records which base (reference weights) they adapt.
-    base = lora.base_id(context.fixed.reference) if lora.adapted(context.setup.model) else None
-    meta = None if base is None else {"lora_base": base}
+    meta = lora.checkpoint_meta(context.setup.model, context.fixed.reference)
     start, state, saved_meta = (checkpointer.restore_latest(abstract_like(state, context.shardings.state), log)
                                 or (0, state, None))
     if start:
-        lora.check_same_base(saved_meta, base, str(workdir / "checkpoints"))
+        lora.check_same_base(saved_meta, meta, str(workdir / "checkpoints"))
         log(f"Resumed from the checkpoint at step {start} in {workdir / 'checkpoints'}")
     # Lines a killed run wrote after its last checkpoint (all of them when it saved none: step 0 is evaluated again).
     writer.truncate_after(start if start else -1)

@@ -19,9 +19,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bond import lora
 from bond.context import make_setup
 from bond.models import init_params
+from bond.step import trained_part
 from experiments import common
 
 NAME = "lora"
@@ -56,8 +56,7 @@ def trained_parameters(config) -> int:
     """Scalars the run trains: every weight, or the adapters alone."""
     setup, _ = make_setup(config, lambda *_: None, abstract=True)
     shapes = jax.eval_shape(lambda k: init_params(setup.model, k), jax.random.key(0))
-    tree = lora.adapters_of(shapes) if lora.adapted(setup.model) else shapes
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(trained_part(setup, shapes))))
 
 
 def run(out: Path, quick: bool) -> dict:

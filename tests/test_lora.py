@@ -165,7 +165,8 @@ def test_lora_resume_after_sigkill_is_exact_and_checkpoints_name_their_base(cach
                                                                     QUIET)
     assert restored[0] == 12 and restored[2] == {"lora_base": lora.base_id(context.fixed.reference)}
     with pytest.raises(ValueError, match="belong to base"):
-        lora.check_same_base(restored[2], lora.base_id(perturbed(context.fixed.reference, 1e-3)), "here")
+        lora.check_same_base(restored[2], lora.checkpoint_meta(context.setup.model, perturbed(context.fixed.reference, 1e-3)),
+                             "here")
 
 
 def test_lora_population_member_equals_its_separate_run(cache_dir, tmp_path):
